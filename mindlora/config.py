@@ -1,0 +1,205 @@
+"""Small typed configs: the model's shape, LoRA, and the parallel layout.
+
+Each config validates itself in ``__post_init__`` and reports *every* problem at once, naming the
+flag and value, so a user fixes a launcher in one edit instead of one per run. Training and data
+options live beside the code that uses them (``mindlora.training.args``, ``mindlora.data``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
+ROW_TARGETS = ("linear_proj", "linear_fc2")
+
+
+def fail_if(errors: list[str], what: str) -> None:
+    """Raise one ValueError listing every collected problem (no-op when there are none)."""
+    if errors:
+        raise ValueError(f"invalid {what}:\n  - " + "\n  - ".join(errors))
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only model (Llama / Qwen2 / Qwen3 style).
+
+    Filled from a Hugging Face ``config.json`` by a family file, stored inside mindlora
+    checkpoints, so that training never asks the user for shape flags they could get wrong.
+    """
+
+    family: str
+    """Model family key: ``llama``, ``qwen2`` or ``qwen3`` (see mindlora.models.families)."""
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    """Key/value heads (grouped-query attention); equals num_attention_heads for MHA."""
+    vocab_size: int
+    """The tokenizer's vocabulary as the HF model has it (unpadded)."""
+    kv_channels: Optional[int] = None
+    """Per-head dimension; defaults to hidden_size // num_attention_heads."""
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    """HF ``rope_scaling`` dict (only ``rope_type: llama3`` is supported)."""
+    norm_epsilon: float = 1e-6
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        errors = []
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "kv_channels"):
+            if getattr(self, name) <= 0:
+                errors.append(f"{name} ({getattr(self, name)}) must be positive")
+        if self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups:
+            errors.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                          f"of num_query_groups ({self.num_query_groups})")
+        if self.rope_scaling and self.rope_scaling.get("rope_type",
+                                                       self.rope_scaling.get("type")) != "llama3":
+            errors.append(f"rope_scaling ({self.rope_scaling}) is not supported; only llama3")
+        fail_if(errors, "model config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**d)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA hyper-parameters: ``y = base(x) + scaling * B(A(dropout(x)))``."""
+
+    r: int = 8
+    """Rank (``--lora-r``)."""
+    alpha: float = 16.0
+    """Scale numerator (``--lora-alpha``)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input only (``--lora-dropout``)."""
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    """Which megatron-core linears get LoRA (``--lora-target-modules``; ``all-linear`` = all)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)`` (``--lora-use-rslora``)."""
+    init_a: str = "kaiming"
+    """Init of A: ``kaiming`` (uniform, as HF PEFT) or ``gaussian`` (N(0, 1/r))."""
+    fusion: bool = False
+    """CCLoRA: fold LoRA communication into the base layer's collectives (``--lora-fusion``)."""
+    seed: int = 1234
+    """Seed of the generator that draws the full (unsharded) A matrices."""
+
+    def __post_init__(self) -> None:
+        targets = list(self.target_modules)
+        if "all-linear" in targets:
+            targets = [t for t in targets if t != "all-linear"] + list(LORA_TARGETS)
+        self.target_modules = tuple(t for t in LORA_TARGETS if t in targets)
+        errors = []
+        if self.r <= 0:
+            errors.append(f"--lora-r ({self.r}) must be > 0")
+        if self.alpha <= 0:
+            errors.append(f"--lora-alpha ({self.alpha}) must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"--lora-dropout ({self.dropout}) must be in [0, 1)")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            errors.append(f"--lora-target-modules: unknown target(s) {unknown}; choose from "
+                          f"{list(LORA_TARGETS)} or all-linear")
+        elif not self.target_modules:
+            errors.append("--lora-target-modules must name at least one target")
+        if self.init_a not in ("kaiming", "gaussian"):
+            errors.append(f"--lora-init-a ({self.init_a}) must be kaiming or gaussian")
+        fail_if(errors, "LoRA config")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+        d = dict(d)
+        d["target_modules"] = tuple(d.get("target_modules", LORA_TARGETS))
+        return cls(**d)
+
+
+@dataclass
+class ParallelConfig:
+    """The parallel layout: tensor x pipeline (x virtual pipeline) x data parallel."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None = plain 1F1B."""
+    sequence_parallel: bool = False
+    num_layer_list: Optional[list[int]] = field(default=None)
+    """Uneven pipeline split: layers per pipeline stage (``--num-layer-list 10,12,8``)."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if tp < 1:
+            errors.append(f"--tensor-model-parallel-size ({tp}) must be >= 1")
+        if pp < 1:
+            errors.append(f"--pipeline-model-parallel-size ({pp}) must be >= 1")
+        if self.sequence_parallel and tp == 1:
+            self.sequence_parallel = False  # Megatron does the same: SP needs TP > 1.
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and (vpp < 1 or pp == 1):
+            errors.append(f"virtual pipeline size ({vpp}) needs --pipeline-model-parallel-size "
+                          f"> 1 and must be >= 1")
+        if self.num_layer_list is not None:
+            if len(self.num_layer_list) != pp:
+                errors.append(f"--num-layer-list ({','.join(map(str, self.num_layer_list))}) "
+                              f"must have --pipeline-model-parallel-size ({pp}) entries")
+            if any(n < 1 for n in self.num_layer_list):
+                errors.append(f"--num-layer-list ({self.num_layer_list}) entries must be >= 1")
+            if vpp is not None:
+                errors.append("--num-layer-list cannot be combined with a virtual pipeline")
+        fail_if(errors, "parallel config")
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Check that this layout can split ``model``; raise one ValueError naming every clash."""
+        errors = []
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if model.num_attention_heads % tp:
+            errors.append(f"num_attention_heads ({model.num_attention_heads}) must be a multiple "
+                          f"of --tensor-model-parallel-size ({tp})")
+        if model.num_query_groups % tp:
+            errors.append(f"num_query_groups ({model.num_query_groups}) must be a multiple of "
+                          f"--tensor-model-parallel-size ({tp})")
+        if model.ffn_hidden_size % tp:
+            errors.append(f"ffn_hidden_size ({model.ffn_hidden_size}) must be a multiple of "
+                          f"--tensor-model-parallel-size ({tp})")
+        if self.num_layer_list is not None:
+            if sum(self.num_layer_list) != model.num_layers:
+                errors.append(f"--num-layer-list sums to {sum(self.num_layer_list)} but the model "
+                              f"has {model.num_layers} layers")
+        else:
+            chunks = pp * (self.virtual_pipeline_model_parallel_size or 1)
+            if model.num_layers % chunks:
+                errors.append(f"num_layers ({model.num_layers}) must be a multiple of pipeline "
+                              f"stages x virtual stages ({chunks}); or pass --num-layer-list")
+        fail_if(errors, "parallel layout for this model")
+
+    def layers_per_stage(self, num_layers: int) -> list[int]:
+        """Layers held by each pipeline stage (virtual chunks counted together)."""
+        if self.num_layer_list is not None:
+            return list(self.num_layer_list)
+        pp = self.pipeline_model_parallel_size
+        return [num_layers // pp] * pp

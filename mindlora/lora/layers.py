@@ -1,0 +1,177 @@
+"""Column- and row-parallel LoRA linears: ``y = base(x) + s * B(A(dropout(x)))``.
+
+Both subclass megatron-core's parallel linears, so the frozen base weight keeps its key, layout
+and ``(output, bias)`` return, and a base checkpoint loads into a LoRA model unchanged.
+
+Sharding (docs/lora.md has the diagram; ``mindlora.models.sharding`` has the table):
+
+* column base (W split on rows): A ``[r, in]`` replicated, B ``[out/tp, r]`` split like W's rows.
+  ``z = A x`` is computed locally and only ``z`` (r wide) crosses ranks: its backward all-reduce
+  (or, under sequence parallel, the all-gather/reduce-scatter pair) sums B's partial ``dz``, so
+  A's gradient and the LoRA input-gradient come out already reduced. Under sequence parallel each
+  rank sees a slice of the sequence, so A's gradient is summed over TP (identity-forward wrapper).
+* row base (W split on columns): A ``[r, in/tp]`` split like W's columns, B ``[out, r]``
+  replicated. ``B (A_k x_k)`` is rank k's partial product and joins the base partial sum *before*
+  the base layer's all-reduce / reduce-scatter, so LoRA adds no forward collective; B's gradient
+  is summed over TP because each rank saw only its partial ``z``.
+
+LoRA factors are kept in float32 whatever the base dtype, and cast to the activation dtype in the
+forward: the optimizer then steps float32 weights directly (no master copies to keep).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from mindlora.config import LoRAConfig
+
+
+class LoRAMixin:
+    """State and helpers shared by both LoRA linears (A, B, scaling, dropout, merge)."""
+
+    lora_config: LoRAConfig
+    merged: bool
+
+    def _add_lora(self, in_features: int, out_features: int, lora: LoRAConfig) -> None:
+        self.lora_config = lora
+        self.scaling = lora.scaling
+        self.merged = False
+        device = self.weight.device
+        self.lora_A = torch.nn.Linear(in_features, lora.r, bias=False, device=device,
+                                      dtype=torch.float32)
+        self.lora_B = torch.nn.Linear(lora.r, out_features, bias=False, device=device,
+                                      dtype=torch.float32)
+        torch.nn.init.zeros_(self.lora_A.weight)
+        torch.nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = torch.nn.Dropout(lora.dropout) if lora.dropout > 0 else None
+
+    def _dropout(self, x: torch.Tensor, sharded_input: bool) -> torch.Tensor:
+        """Dropout on the LoRA input; shard-local inputs draw from the per-TP-rank stream."""
+        if self.lora_dropout is None or not self.training:
+            return x
+        if sharded_input:
+            with get_cuda_rng_tracker().fork():
+                return self.lora_dropout(x)
+        return self.lora_dropout(x)
+
+    def _delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` for this rank's shard, in float32."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``s * B @ A`` into this rank's base shard (computed in float32)."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self._delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to the base dtype's rounding)."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self._delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear,
+            weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    w = layer.weight if weight is None else weight
+    return F.linear(x, w.to(x.dtype))
+
+
+class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
+    """ColumnParallelLinear + LoRA (A replicated, B split on the output dim)."""
+
+    def __init__(self, input_size: int, output_size: int, *, lora_config: LoRAConfig,
+                 **kwargs) -> None:
+        super().__init__(input_size, output_size, **kwargs)
+        self._add_lora(input_size, self.output_size_per_partition, lora_config)
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        output, bias = super().forward(input_, weight, runtime_gather_output=False)
+        if self.merged:
+            return self._maybe_gather(output, runtime_gather_output), bias
+        a_weight = self.lora_A.weight
+        if self.sequence_parallel:
+            a_weight = copy_to_tensor_model_parallel_region(a_weight, group=self.tp_group)
+        z = _linear(self._dropout(input_, sharded_input=self.sequence_parallel), self.lora_A,
+                    a_weight)
+        if self.sequence_parallel:
+            z = gather_from_sequence_parallel_region(z, group=self.tp_group)
+        else:
+            z = copy_to_tensor_model_parallel_region(z, group=self.tp_group)
+        output = output + self.scaling * _linear(z, self.lora_B)
+        return self._maybe_gather(output, runtime_gather_output), bias
+
+    def _maybe_gather(self, output: torch.Tensor, runtime_gather_output: Optional[bool]):
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if not gather:
+            return output
+        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+        return gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+
+
+class LoRARowParallelLinear(LoRAMixin, RowParallelLinear):
+    """RowParallelLinear + LoRA (A split on the input dim, B replicated)."""
+
+    def __init__(self, input_size: int, output_size: int, *, lora_config: LoRAConfig,
+                 **kwargs) -> None:
+        super().__init__(input_size, output_size, **kwargs)
+        if not self.input_is_parallel:
+            raise ValueError("LoRA row-parallel layers expect input_is_parallel=True")
+        self._add_lora(self.input_size_per_partition, output_size, lora_config)
+
+    def forward(self, input_: torch.Tensor):
+        output_parallel = F.linear(input_, self.weight)
+        if not self.merged:
+            b_weight = copy_to_tensor_model_parallel_region(self.lora_B.weight, group=self.tp_group)
+            z = _linear(self._dropout(input_, sharded_input=True), self.lora_A)
+            output_parallel = output_parallel + self.scaling * _linear(z, self.lora_B, b_weight)
+        if self.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(output_parallel,
+                                                                group=self.tp_group)
+        else:
+            output = reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
+
+
+LORA_LAYER_TYPES = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+
+
+def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank: int,
+                      tp_size: int) -> None:
+    """Initialise A from the FULL matrix drawn by a generator seeded per (layer, target), then
+    keep this rank's slice; B = 0. The result is therefore independent of the TP size.
+    """
+    from mindlora.models.sharding import shard, split_rule
+
+    lora = layer.lora_config
+    full_in = layer.lora_A.weight.shape[1] * (tp_size if isinstance(layer, RowParallelLinear) else 1)
+    gen = torch.Generator().manual_seed(lora.seed * 100003 + layer_number * 31 + _TARGET_IDS[target])
+    if lora.init_a == "kaiming":
+        bound = 1.0 / math.sqrt(full_in)  # kaiming_uniform_(a=sqrt(5)), as HF PEFT does
+        full = torch.empty(lora.r, full_in).uniform_(-bound, bound, generator=gen)
+    else:
+        full = torch.empty(lora.r, full_in).normal_(0.0, 1.0 / lora.r, generator=gen)
+    rule = split_rule(f"{target}.lora_A.weight")
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(shard(full, rule, tp_size, tp_rank))
+        layer.lora_B.weight.zero_()
+
+
+_TARGET_IDS = {"linear_qkv": 0, "linear_proj": 1, "linear_fc1": 2, "linear_fc2": 3}

@@ -1,0 +1,184 @@
+"""Build the megatron-core GPTModel chunk(s) of this pipeline rank from the typed configs.
+
+The parallel layout is turned into an explicit ``pipeline_model_parallel_layout`` (even, uneven via
+``--num-layer-list``, or interleaved), so one function (:func:`chunk_layer_ids`) says which global
+layers a chunk holds for the model, the checkpoint loader and the adapter files alike.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
+from mindlora.lora.layers import LORA_LAYER_TYPES, init_lora_factors
+from mindlora.lora.spec import gpt_layer_spec
+from mindlora.models.norm import RMSNorm
+from mindlora.models.sharding import pad_vocab
+from mindlora.runtime.device import current
+
+
+def stage_layer_counts(model: ModelConfig, parallel: ParallelConfig) -> list[list[int]]:
+    """``counts[pp_rank][vp_stage]``: decoder layers in each model chunk."""
+    pp = parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    if parallel.num_layer_list is not None:
+        return [[n] for n in parallel.num_layer_list]
+    per_chunk = model.num_layers // (pp * vpp)
+    return [[per_chunk] * vpp for _ in range(pp)]
+
+
+def chunk_layer_ids(model: ModelConfig, parallel: ParallelConfig, pp_rank: int,
+                    vp_stage: int = 0) -> list[int]:
+    """Global (0-based) ids of the decoder layers held by chunk ``(pp_rank, vp_stage)``.
+
+    Interleaved order: chunk (pp_rank, v) comes after all chunks (*, v-1) and (p < pp_rank, v).
+    """
+    counts = stage_layer_counts(model, parallel)
+    pp, vpp = len(counts), len(counts[0])
+    start = 0
+    for v in range(vpp):
+        for p in range(pp):
+            if (p, v) == (pp_rank, vp_stage):
+                return list(range(start, start + counts[p][v]))
+            start += counts[p][v]
+    raise ValueError(f"no chunk ({pp_rank}, {vp_stage}) in a {pp}x{vpp} pipeline")
+
+
+def _layout(model: ModelConfig, parallel: ParallelConfig) -> list[list[str]]:
+    counts = stage_layer_counts(model, parallel)
+    pp, vpp = len(counts), len(counts[0])
+    layout = []
+    for v in range(vpp):
+        for p in range(pp):
+            row = ["decoder"] * counts[p][v]
+            if (p, v) == (0, 0):
+                row = ["embedding"] + row
+            if (p, v) == (pp - 1, vpp - 1):
+                row = row + ["loss"]
+            layout.append(row)
+    return layout
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                       params_dtype: torch.dtype = torch.float32,
+                       recompute_granularity: Optional[str] = None,
+                       recompute_method: Optional[str] = None,
+                       recompute_num_layers: Optional[int] = None) -> TransformerConfig:
+    """megatron-core TransformerConfig for ``model`` under ``parallel``.
+
+    Fusions that need CUDA kernels are switched off on the CPU; ``batch_p2p_comm`` is off on gloo,
+    where batched isend/irecv gave wrong gradients for interleaved pipelines with PP=2.
+    """
+    parallel.check_model(model)
+    device = current()
+    on_gpu = not device.is_cpu
+    pp = parallel.pipeline_model_parallel_size
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        pipeline_model_parallel_layout=_layout(model, parallel) if pp > 1 else None,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_comm=on_gpu,
+        calculate_per_token_loss=True,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
+    )
+
+
+def padded_vocab_size(model: ModelConfig, tp_size: int) -> int:
+    return pad_vocab(model.vocab_size, tp_size)
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoRAConfig] = None,
+                params_dtype: torch.dtype = torch.float32,
+                config: Optional[TransformerConfig] = None) -> list[GPTModel]:
+    """The GPTModel chunk(s) of this pipeline rank (one per virtual stage), base frozen.
+
+    Base weights are allocated but not initialised (they come from a checkpoint); LoRA A is drawn
+    TP-invariantly and B is zero. Requires :func:`mindlora.runtime.init_parallel` first.
+    """
+    config = config or transformer_config(model, parallel, params_dtype)
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp = parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    spec = gpt_layer_spec(model.qk_layernorm, lora)
+    device = current().torch_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    chunks = []
+    for v in range(vpp):
+        n_layers = len(chunk_layer_ids(model, parallel, pp_rank, v))
+        block = TransformerBlockSubmodules(layer_specs=[spec] * n_layers, layer_norm=RMSNorm)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=block,
+            vocab_size=padded_vocab_size(model, tp_size),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pp_rank == 0 and v == 0,
+            post_process=pp_rank == pp - 1 and v == vpp - 1,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            rope_scaling=bool(model.rope_scaling),
+            rope_scaling_factor=float((model.rope_scaling or {}).get("factor", 8.0)),
+            vp_stage=v if vpp > 1 else None,
+        ).to(device)
+        for p in gpt.parameters():
+            p.requires_grad_(False)
+        if lora is not None:
+            _init_lora(gpt, tp_rank, tp_size)
+        chunks.append(gpt)
+    return chunks
+
+
+def _init_lora(gpt: GPTModel, tp_rank: int, tp_size: int) -> None:
+    for layer in gpt.decoder.layers:
+        for name, module in layer.named_modules():
+            if isinstance(module, LORA_LAYER_TYPES):
+                init_lora_factors(module, layer.layer_number, name.split(".")[-1], tp_rank,
+                                  tp_size)
+                module.lora_A.weight.requires_grad_(True)
+                module.lora_B.weight.requires_grad_(True)
+
+
+def parameter_report(chunks: list[torch.nn.Module]) -> str:
+    """``trainable params: X || all params: Y || trainable%: Z`` for this rank's chunks."""
+    total = sum(p.numel() for c in chunks for p in c.parameters())
+    train = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    return (f"trainable params: {train:,} || all params: {total:,} || "
+            f"trainable%: {100.0 * train / max(total, 1):.4f}")

@@ -1,0 +1,40 @@
+"""Spawn N gloo ranks on the CPU and run one test body in each.
+
+Process start-up costs seconds, so a test batches several checks into one spawned group.
+Children are forked (they inherit the parent's imports) and use one intra-op thread each, so
+N ranks on 2 cores do not oversubscribe. A failure in any rank re-raises in the test with that
+rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from mindlora.runtime import current, destroy_parallel, init_distributed
+
+    init_distributed(current("cpu"), rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        destroy_parallel()
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; raise on any failure."""
+    mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size,
+                       join=True, start_method="fork")
