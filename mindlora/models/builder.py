@@ -11,13 +11,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.lora.layers import LORA_LAYER_TYPES, init_lora_factors
 from mindlora.lora.spec import gpt_layer_spec
+from mindlora.models.gpt import MindloraGPTModel
 from mindlora.models.norm import RMSNorm
 from mindlora.models.sharding import pad_vocab
 from mindlora.runtime.device import current
@@ -126,7 +126,7 @@ def padded_vocab_size(model: ModelConfig, tp_size: int) -> int:
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoRAConfig] = None,
                 params_dtype: torch.dtype = torch.float32,
-                config: Optional[TransformerConfig] = None) -> list[GPTModel]:
+                config: Optional[TransformerConfig] = None) -> list[MindloraGPTModel]:
     """The GPTModel chunk(s) of this pipeline rank (one per virtual stage), base frozen.
 
     Base weights are allocated but not initialised (they come from a checkpoint); LoRA A is drawn
@@ -144,7 +144,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoR
     for v in range(vpp):
         n_layers = len(chunk_layer_ids(model, parallel, pp_rank, v))
         block = TransformerBlockSubmodules(layer_specs=[spec] * n_layers, layer_norm=RMSNorm)
-        gpt = GPTModel(
+        gpt = MindloraGPTModel(
             config=config,
             transformer_layer_spec=block,
             vocab_size=padded_vocab_size(model, tp_size),
@@ -157,6 +157,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoR
             rope_scaling=bool(model.rope_scaling),
             rope_scaling_factor=float((model.rope_scaling or {}).get("factor", 8.0)),
             vp_stage=v if vpp > 1 else None,
+            real_vocab_size=model.vocab_size,
         ).to(device)
         for p in gpt.parameters():
             p.requires_grad_(False)
@@ -166,7 +167,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoR
     return chunks
 
 
-def _init_lora(gpt: GPTModel, tp_rank: int, tp_size: int) -> None:
+def _init_lora(gpt: MindloraGPTModel, tp_rank: int, tp_size: int) -> None:
     for layer in gpt.decoder.layers:
         for name, module in layer.named_modules():
             if isinstance(module, LORA_LAYER_TYPES):

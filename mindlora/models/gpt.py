@@ -1,0 +1,51 @@
+"""megatron-core's GPTModel with mindlora's loss head.
+
+Only the last step changes: when labels are given, the final hidden states go straight into the
+fused, vocab-parallel output-projection + cross-entropy (``mindlora.models.cross_entropy``) for
+the labelled tokens alone, instead of materialising ``[tokens, vocab]`` logits. Without labels the
+model behaves exactly like GPTModel (logits ``[b, s, vocab/tp]``).
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from mindlora.models.cross_entropy import fused_linear_cross_entropy
+
+
+class MindloraGPTModel(GPTModel):
+    """GPTModel whose ``forward(..., labels=)`` returns per-token losses ``[b, s]`` (0 where the
+    label is -100), computed by the fused head. ``labels`` are already shifted: ``labels[:, t]``
+    is the target of position ``t``.
+    """
+
+    def __init__(self, *args, real_vocab_size: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.real_vocab_size = real_vocab_size
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        if labels is None or not self.post_process or self.config.mtp_num_layers:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels,
+                                        *args, **kwargs)
+        tp_group = self.output_layer.tp_group
+        if self.output_layer.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, group=tp_group)
+        else:
+            hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else self.output_layer.weight)
+        s, b, h = hidden_states.shape
+        flat_labels = labels.t().reshape(-1)  # [s*b], matching hidden's [s, b] order
+        picked = (flat_labels != -100).nonzero().squeeze(1)
+        tp_rank = torch.distributed.get_rank(tp_group) if tp_group is not None else 0
+        v_local = weight.shape[0]
+        losses = fused_linear_cross_entropy(
+            hidden_states.reshape(s * b, h).index_select(0, picked), weight,
+            flat_labels.index_select(0, picked), vocab_start=tp_rank * v_local,
+            vocab_valid=self.real_vocab_size - tp_rank * v_local, tp_group=tp_group)
+        per_token = losses.new_zeros(s * b).index_put((picked,), losses)
+        return per_token.view(s, b).t()

@@ -1,0 +1,202 @@
+"""Adapter-only checkpoints: atomic saves and exact resume.
+
+A save holds, per (TP rank, PP rank), the LoRA factors of that rank's chunks, the optimizer and
+loss-scaler state, RNG states, the iteration and the data position, plus the ``mindlora`` metadata
+(model and LoRA configs, layout) of ``mindlora.checkpoint.megatron_format``. The base weights are
+never written.
+
+Atomicity: every writer puts its file under ``<save>/.iter_XXXXXXX.tmp/``; after a barrier rank 0
+renames that directory to ``iter_XXXXXXX`` and only then rewrites
+``latest_checkpointed_iteration.txt``. A run killed mid-save leaves at most a stale ``.tmp``
+directory, and ``latest`` still names the previous, complete checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from mindlora.checkpoint import megatron_format as fmt
+from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
+from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: restored exactly on resume."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def _lora_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in chunk.state_dict().items()
+            if ".lora_A." in k or ".lora_B." in k}
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module],
+                 optimizer: torch.optim.Optimizer, scaler_state: dict, model: ModelConfig,
+                 lora: LoRAConfig, parallel: ParallelConfig, params_dtype: torch.dtype) -> str:
+    """Write the adapter checkpoint of ``state.iteration`` (collective: every rank calls it)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp = parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    name = fmt.iteration_dir_name(state.iteration)
+    tmp_root = os.path.join(save_dir, f".{name}.tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        os.makedirs(tmp_root, exist_ok=True)
+    dist.barrier()
+    if parallel_state.get_data_parallel_rank() == 0:
+        keys = fmt.chunk_keys(vpp)
+        meta = fmt.build_meta(
+            "adapter", model, parallel.tensor_model_parallel_size, pp, vpp,
+            {k: chunk_layer_ids(model, parallel, pp_rank, v) for v, k in enumerate(keys)},
+            padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
+            tp_rank=tp_rank, pp_rank=pp_rank)
+        payload = {k: _lora_state(c) for k, c in zip(keys, chunks)}
+        payload.update({
+            "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": state.iteration,
+            "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,
+            "rng_state": _rng_state(), "train_state": vars(state).copy(),
+        })
+        fmt.write_rank_file(os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp),
+                                         fmt.RANK_FILE), payload)
+    dist.barrier()
+    final = os.path.join(save_dir, name)
+    if dist.get_rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp_root, final)
+        fmt.write_tracker(save_dir, state.iteration)
+    dist.barrier()
+    return final
+
+
+def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfig) -> None:
+    errors = []
+    saved_model = ModelConfig.from_dict(meta["model_config"])
+    if saved_model != model:
+        errors.append(f"it was trained on another base model ({saved_model.family}, "
+                      f"{saved_model.num_layers} layers, hidden {saved_model.hidden_size}) than "
+                      f"--load ({model.family}, {model.num_layers} layers, hidden "
+                      f"{model.hidden_size})")
+    saved = LoRAConfig.from_dict(meta["lora_config"])
+    for flag, a, b in (("--lora-r", saved.r, lora.r), ("--lora-alpha", saved.alpha, lora.alpha),
+                       ("--lora-target-modules", list(saved.target_modules),
+                        list(lora.target_modules)),
+                       ("--lora-use-rslora", saved.use_rslora, lora.use_rslora)):
+        if a != b:
+            errors.append(f"{flag} is {b} but the adapter was saved with {a}")
+    if errors:
+        raise ValueError(f"--lora-load {path}: " + "; ".join(errors))
+
+
+def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
+                 optimizer: Optional[torch.optim.Optimizer], model: ModelConfig,
+                 lora: LoRAConfig, parallel: ParallelConfig, finetune: bool
+                 ) -> tuple[TrainState, Optional[dict]]:
+    """Restore an adapter checkpoint; returns (train state, loss-scaler state or None).
+
+    With ``finetune`` only the weights are taken (from any TP x PP layout, resharded) and the run
+    starts at iteration 0. Otherwise the run continues exactly, which needs the same TP x PP
+    layout (the data-parallel size may change).
+    """
+    iteration, meta = fmt.read_meta(lora_load)
+    if meta["kind"] != "adapter":
+        raise ValueError(f"--lora-load {lora_load} holds a {meta['kind']} checkpoint, not an "
+                         f"adapter (pass base weights with --load)")
+    _check_compatible(meta, lora_load, model, lora)
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    keys = fmt.chunk_keys(vpp)
+    same_layout = (meta["tp"], meta["pp"], meta.get("vpp")) == (tp, pp, vpp)
+    if finetune:
+        for v, chunk in enumerate(chunks):
+            sd = fmt.load_model_shard(lora_load, tp, tp_rank, chunk_layer_ids(model, parallel,
+                                      pp_rank, v), chunk.pre_process, chunk.post_process,
+                                      model.tie_word_embeddings,
+                                      padded_vocab_size(model, tp), iteration=iteration)
+            _load_lora_weights(chunk, sd, lora_load)
+        return TrainState(), None
+    if not same_layout:
+        raise ValueError(
+            f"--lora-load {lora_load} was saved with TP={meta['tp']} PP={meta['pp']} "
+            f"VPP={meta.get('vpp')}; this run uses TP={tp} PP={pp} VPP={vpp}. An exact resume "
+            f"(optimizer state included) needs the same TP x PP layout (data parallel may "
+            f"differ). Use the saved layout, or add --finetune to start a new run from the "
+            f"adapter weights, which are resharded to any layout.")
+    path = fmt.rank_file_path(lora_load, iteration, tp_rank, pp_rank, pp)
+    payload = fmt.load_rank_file(path, mmap=False)
+    for key, chunk in zip(keys, chunks):
+        _load_lora_weights(chunk, payload[key], path)
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    _set_rng_state(payload["rng_state"])
+    state = TrainState(**payload["train_state"])
+    return state, payload.get("loss_scaler")
+
+
+def _load_lora_weights(chunk: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    own = {k for k in chunk.state_dict() if ".lora_A." in k or ".lora_B." in k}
+    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+    if missing or unexpected:
+        raise ValueError(f"{where}: adapter tensors do not match the model "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    with torch.no_grad():
+        params = dict(chunk.named_parameters())
+        for k, t in sd.items():
+            if params[k].shape != t.shape:
+                raise ValueError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects "
+                                 f"{tuple(params[k].shape)}")
+            params[k].copy_(t)
+
+
+def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
+              parallel: ParallelConfig) -> None:
+    """Load the frozen base weights of this rank's chunks from a checkpoint of any layout."""
+    tp = parallel.tensor_model_parallel_size
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    for v, chunk in enumerate(chunks):
+        sd = fmt.load_model_shard(load_dir, tp, tp_rank, chunk_layer_ids(model, parallel, pp_rank, v),
+                                  chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
+                                  padded_vocab_size(model, tp))
+        own = {k for k in chunk.state_dict() if not k.endswith("_extra_state")
+               and ".lora_A." not in k and ".lora_B." not in k}
+        missing = sorted(own - set(sd))
+        if missing:
+            raise ValueError(f"--load {load_dir}: the checkpoint lacks {len(missing)} tensor(s) "
+                             f"the model needs, e.g. {missing[:3]}")
+        params = dict(chunk.state_dict(keep_vars=True))
+        with torch.no_grad():
+            for k in own:
+                if params[k].shape != sd[k].shape:
+                    raise ValueError(f"--load {load_dir}: {k} has shape {tuple(sd[k].shape)}, the "
+                                     f"model expects {tuple(params[k].shape)}")
+                params[k].copy_(sd[k])

@@ -1,0 +1,245 @@
+"""The training run: set-up, megatron-core pipeline schedules, optimizer step, eval, checkpoints.
+
+Flow: configs -> runtime -> model chunks (LoRA spec) -> base weights -> data -> schedule loop ->
+adapter checkpoints. Everything parallel happens inside megatron-core's schedules (1F1B,
+interleaved) and the LoRA layers; this file only orders the steps.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mindlora.checkpoint import megatron_format as fmt
+from mindlora.config import ModelConfig, ParallelConfig
+from mindlora.models.builder import build_model, parameter_report, transformer_config
+from mindlora.runtime import init_distributed, init_parallel
+from mindlora.training import checkpointing as ckpt
+from mindlora.training.args import RunConfig
+from mindlora.training.batches import BatchPlan, SampleOrder, micro_batches, pad_to_common_length
+from mindlora.training.batches import replicate
+from mindlora.training.data import TrainingData
+from mindlora.training.logging import MetricsLogger
+from mindlora.training.optim import LossScaler, LRSchedule, clip_grads, finalize_grads
+from mindlora.training.optim import lora_parameters, make_optimizer
+
+
+@dataclass
+class TrainResult:
+    """What a run returns to its caller (tests compare these across layouts)."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    state: Optional[ckpt.TrainState] = None
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    loss_sum = (per_token * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(),
+                                                          num_tokens.detach().float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token, partial(_loss_func, batch["loss_mask"])
+
+
+def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
+    """Model architecture from the base checkpoint; check optional architecture flags against it."""
+    _, meta = fmt.read_meta(run.train.load)
+    model = ModelConfig.from_dict(meta["model_config"])
+    arch = dict(run.arch_overrides)
+    vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)
+    wrong = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(model, k, None)})"
+             for k, v in arch.items() if k != "padded_vocab_size" and getattr(model, k) != v]
+    if wrong:
+        raise ValueError(f"flags contradict the checkpoint in --load {run.train.load}: "
+                         + ", ".join(wrong))
+    parallel = run.parallel
+    if vstage:
+        pp = parallel.pipeline_model_parallel_size
+        if model.num_layers % (pp * vstage):
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage ({vstage}) x "
+                             f"--pipeline-model-parallel-size ({pp}) must divide num_layers "
+                             f"({model.num_layers})")
+        parallel = ParallelConfig(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=pp, sequence_parallel=parallel.sequence_parallel,
+            virtual_pipeline_model_parallel_size=model.num_layers // (pp * vstage))
+    parallel.check_model(model)
+    return model, parallel
+
+
+class Trainer:
+    """One training run on this process (collective: every rank builds one)."""
+
+    def __init__(self, run: RunConfig, log=print) -> None:
+        self.run, self.log = run, log
+        t = run.train
+        self.device = init_distributed()
+        self.model_cfg, self.parallel = resolve_model(run)
+        init_parallel(self.parallel, seed=t.seed)
+        self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        tp = self.parallel.tensor_model_parallel_size
+        self.data = TrainingData(run.data, t, self.model_cfg, tp, self.parallel.sequence_parallel)
+        self.plan = BatchPlan(t.global_batch_size, t.micro_batch_size,
+                              parallel_state.get_data_parallel_world_size(),
+                              parallel_state.get_data_parallel_rank())
+        vpp = self.parallel.virtual_pipeline_model_parallel_size
+        if vpp and self.plan.num_microbatches % self.parallel.pipeline_model_parallel_size:
+            raise ValueError(f"interleaved pipelines need the number of micro-batches "
+                             f"({self.plan.num_microbatches}) to be a multiple of "
+                             f"--pipeline-model-parallel-size "
+                             f"({self.parallel.pipeline_model_parallel_size})")
+        self.scaler = LossScaler(t.fp16, t.initial_loss_scale)
+        config = transformer_config(self.model_cfg, self.parallel, self.dtype,
+                                    t.recompute_granularity, t.recompute_method,
+                                    t.recompute_num_layers)
+        config.finalize_model_grads_func = finalize_grads
+        config.grad_scale_func = (lambda loss: loss * self.scaler.scale) if t.fp16 else None
+        self.chunks = build_model(self.model_cfg, self.parallel, run.lora, self.dtype, config)
+        ckpt.load_base(t.load, self.chunks, self.model_cfg, self.parallel)
+        self.params = lora_parameters(self.chunks)
+        self.optimizer = make_optimizer(self.params, t.lr, t.weight_decay,
+                                        (t.adam_beta1, t.adam_beta2), t.adam_eps)
+        warmup = (round(t.lr_warmup_fraction * t.train_iters) if t.lr_warmup_fraction is not None
+                  else t.lr_warmup_iters)
+        self.schedule = LRSchedule(t.lr, t.min_lr, warmup, t.lr_decay_iters or t.train_iters,
+                                   t.lr_decay_style)
+        self.state = ckpt.TrainState()
+        self._bad_streak = 0
+        if t.lora_load:
+            self.state, scaler_state = ckpt.load_adapter(
+                t.lora_load, self.chunks, None if t.finetune else self.optimizer,
+                self.model_cfg, run.lora, self.parallel, t.finetune)
+            if scaler_state:
+                self.scaler.load_state_dict(scaler_state)
+        self.order = SampleOrder(len(self.data.train), t.seed)
+        self.metrics = MetricsLogger(t, self.log)
+        self.log(f"> {parameter_report(self.chunks)} (this rank)")
+
+    def _run_schedule(self, batches: list[dict], forward_only: bool) -> tuple[float, float]:
+        """Forward(+backward) over micro-batches; returns (loss sum, token count), global."""
+        vpp = self.parallel.virtual_pipeline_model_parallel_size
+        model = self.chunks if vpp else self.chunks[0]
+        iters = replicate(batches, vpp) if vpp else iter(batches)
+        seq = batches[0]["tokens"].shape[1]
+        out = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iters, model=model,
+            num_microbatches=len(batches), seq_length=seq,
+            micro_batch_size=self.run.train.micro_batch_size, forward_only=forward_only)
+        totals = torch.zeros(2, dtype=torch.float64)
+        for item in out:
+            totals += item["lm loss"].double()
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return float(totals[0]), float(totals[1])
+
+    def _batches(self, dataset, order, consumed: int) -> list[dict]:
+        batches = list(micro_batches(dataset, order, self.plan, consumed, self.data.collate))
+        if self.parallel.pipeline_model_parallel_size > 1:
+            batches = pad_to_common_length(batches)
+        return batches
+
+    def train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step; returns (loss, grad norm, skipped)."""
+        it = self.state.iteration + 1
+        lr = self.schedule(it)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for c in self.chunks:
+            c.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = self._batches(self.data.train, self.order, self.state.consumed_samples)
+        self.metrics.count_tokens(batches)
+        loss_sum, tokens = self._run_schedule(batches, forward_only=False)
+        if self.scaler.enabled:
+            for _, p in self.params:
+                if p.grad is not None:
+                    p.grad.div_(self.scaler.scale)
+        norm, finite = clip_grads(self.params, self.run.train.clip_grad)
+        loss = loss_sum / max(tokens, 1.0)
+        loss_bad = not math.isfinite(loss)
+        skipped = loss_bad or not finite
+        # fp16 overflow is routine (the scaler backs off); anything else non-finite is not.
+        self._bad_streak = self._bad_streak + 1 if (loss_bad or (skipped and not self.scaler.enabled)) else 0
+        if skipped:
+            self.state.skipped_iterations += 1
+            self.state.nan_iterations += int(loss_bad)
+        else:
+            self.optimizer.step()
+        self.scaler.update(not finite)
+        self.state.iteration = it
+        self.state.consumed_samples += self.run.train.global_batch_size
+        self.metrics.step(self.state, lr, loss, norm, self.scaler.scale,
+                          self.run.train.global_batch_size)
+        if self._bad_streak >= self.run.train.max_nan_iterations:
+            raise RuntimeError(f"stopping: {self._bad_streak} consecutive iterations had NaN/Inf "
+                               f"loss or gradients (--max-nan-iterations "
+                               f"{self.run.train.max_nan_iterations}); lower --lr or check the data")
+        return loss, norm, skipped
+
+    def evaluate(self) -> float:
+        """Mean validation loss over ``--eval-iters`` global batches."""
+        valid = self.data.valid
+        if valid is None or len(valid) == 0:
+            return float("nan")
+        for c in self.chunks:
+            c.eval()
+        order = SampleOrder(len(valid), self.run.train.seed, shuffle=False)
+        total, count = 0.0, 0.0
+        with torch.no_grad():
+            for k in range(self.run.train.eval_iters):
+                s, n = self._run_schedule(self._batches(valid, order,
+                                                        k * self.plan.global_batch_size), True)
+                total, count = total + s, count + n
+        loss = total / max(count, 1.0)
+        self.metrics.validation(self.state.iteration, loss)
+        return loss
+
+    def save(self) -> None:
+        t = self.run.train
+        path = ckpt.save_adapter(t.save, self.state, self.chunks, self.optimizer,
+                                 self.scaler.state_dict(), self.model_cfg, self.run.lora,
+                                 self.parallel, self.dtype)
+        self.log(f"> saved adapter checkpoint at iteration {self.state.iteration} to {path}")
+
+    def fit(self) -> TrainResult:
+        t = self.run.train
+        result = TrainResult()
+        while self.state.iteration < t.train_iters:
+            loss, norm, _ = self.train_step()
+            result.losses.append(loss)
+            result.grad_norms.append(norm)
+            it = self.state.iteration
+            if t.eval_interval and it % t.eval_interval == 0:
+                self.evaluate()
+            stop = bool(t.exit_interval and it % t.exit_interval == 0)
+            if t.save and ((t.save_interval and it % t.save_interval == 0)
+                           or it == t.train_iters or stop):
+                self.save()
+            if stop:
+                break
+        result.state = self.state
+        self.metrics.close()
+        return result
+
+
+def train(run: RunConfig, log=print) -> TrainResult:
+    """Build a :class:`Trainer` for ``run`` and train it to the end."""
+    start = time.time()
+    trainer = Trainer(run, log)
+    result = trainer.fit()
+    log(f"> training finished in {time.time() - start:.1f} s")
+    return result

@@ -1,0 +1,83 @@
+"""Small base checkpoints and instruction datasets for training tests (built, never downloaded)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from mindlora.checkpoint import megatron_format as fmt
+from mindlora.config import ModelConfig
+from mindlora.data.indexed import IndexedDatasetWriter
+
+
+def tiny_model(**kw) -> ModelConfig:
+    base = dict(family="qwen2", num_layers=4, hidden_size=64, ffn_hidden_size=128,
+                num_attention_heads=4, num_query_groups=2, vocab_size=256,
+                max_position_embeddings=128, add_qkv_bias=True, tie_word_embeddings=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def full_state(model: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random full (TP=1) megatron-core state dict with global layer ids."""
+    g = torch.Generator().manual_seed(seed)
+    h, d, f = model.hidden_size, model.kv_channels, model.ffn_hidden_size
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
+
+    def rnd(*shape, scale=0.08):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"embedding.word_embeddings.weight": rnd(model.vocab_size, h, scale=0.5),
+          "decoder.final_layernorm.weight": 1 + rnd(h)}
+    if not model.tie_word_embeddings:
+        sd["output_layer.weight"] = rnd(model.vocab_size, h)
+    for i in range(model.num_layers):
+        p = f"decoder.layers.{i}."
+        sd[p + "input_layernorm.weight"] = 1 + rnd(h)
+        sd[p + "self_attention.linear_qkv.weight"] = rnd(qkv, h)
+        if model.add_qkv_bias:
+            sd[p + "self_attention.linear_qkv.bias"] = rnd(qkv)
+        if model.qk_layernorm:
+            sd[p + "self_attention.q_layernorm.weight"] = 1 + rnd(d)
+            sd[p + "self_attention.k_layernorm.weight"] = 1 + rnd(d)
+        sd[p + "self_attention.linear_proj.weight"] = rnd(h, model.num_attention_heads * d)
+        sd[p + "pre_mlp_layernorm.weight"] = 1 + rnd(h)
+        sd[p + "mlp.linear_fc1.weight"] = rnd(2 * f, h)
+        sd[p + "mlp.linear_fc2.weight"] = rnd(h, f)
+    return sd
+
+
+def write_base_checkpoint(root: str, model: ModelConfig, seed: int = 0) -> str:
+    """A TP1 x PP1 base checkpoint in mindlora's Megatron layout."""
+    meta = fmt.build_meta("base", model, 1, 1, None, {"model": list(range(model.num_layers))},
+                          model.vocab_size, torch.float32)
+    payload = {"model": full_state(model, seed), "checkpoint_version": fmt.CHECKPOINT_VERSION,
+               "iteration": 1, "mindlora": meta}
+    fmt.write_rank_file(fmt.rank_file_path(root, "release", 0, 0, 1), payload)
+    fmt.write_tracker(root, "release")
+    return root
+
+
+def write_instruction_data(prefix: str, n: int = 64, vocab: int = 256, seed: int = 0,
+                           min_len: int = 6, max_len: int = 30) -> str:
+    """Samples whose first part is a random, masked prompt (-100 labels) and the rest a learnable
+    response: each token is the previous one plus 1 (mod vocab)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    names = ("input_ids", "attention_mask", "labels")
+    writers = {k: IndexedDatasetWriter(f"{prefix}_packed_{k}_document") for k in names}
+    for _ in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        prompt = int(rng.integers(1, length - 1))
+        ids = rng.integers(0, vocab, length)
+        ids[prompt:] = (ids[prompt - 1] + 1 + np.arange(length - prompt)) % vocab
+        labels = ids.copy()
+        labels[:prompt] = -100
+        writers["input_ids"].add_document(ids)
+        writers["attention_mask"].add_document(np.ones(length, np.int64))
+        writers["labels"].add_document(labels)
+    for w in writers.values():
+        w.finalize()
+        w.commit()
+    return prefix
