@@ -1,0 +1,1 @@
+"""LoRA layers, sharding, init/merge and whole-model parity tests."""

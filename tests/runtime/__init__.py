@@ -1,0 +1,1 @@
+"""Runtime tests: device/backend selection and the megatron-core CPU adaptations."""

@@ -1,0 +1,171 @@
+"""One test per CPU adaptation in ``mindlora.runtime.compat`` (plus proof that each is needed).
+
+The adaptations are process-wide and idempotent; each test applies them itself so it does not
+depend on test order. Multi-rank checks run in spawned gloo ranks, where ``init_distributed``
+applies them as a real run does.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core import rerun_state_machine as rsm
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.pipeline_parallel import schedules
+from megatron.core.tensor_parallel import random as mp_random
+from megatron.core.transformer import utils as transformer_utils
+
+from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
+from mindlora.models.builder import build_model
+from mindlora.runtime import compat, init_parallel
+from tests.distributed.harness import spawn
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU adaptations are CPU-only")
+
+
+@pytest.fixture(autouse=True)
+def _applied() -> None:
+    compat.apply_cpu_compat()
+
+
+@cpu_only
+def test_unpatched_torch_fails_on_cpu() -> None:
+    """What each adaptation replaces fails on a CPU-only torch, so each patch earns its place:
+    the device queries, the CUDA RNG state megatron's tracker saves in ``add``/``fork``, and a
+    ``device="cuda"`` factory. Run in a fresh interpreter (torch only; the patches are global)."""
+    probe = textwrap.dedent("""
+        import torch
+        calls = {"current_device": torch.cuda.current_device,
+                 "synchronize": torch.cuda.synchronize,
+                 "rng_state": torch.cuda.get_rng_state,
+                 "cuda_literal": lambda: torch.ones(2, device="cuda")}
+        for name, call in calls.items():
+            try:
+                call()
+                print(name, "ok")
+            except Exception:
+                print(name, "fails")
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["current_device", "fails", "synchronize", "fails",
+                           "rng_state", "fails", "cuda_literal", "fails"], out
+
+
+def test_current_device_is_cpu() -> None:
+    assert torch.cuda.current_device() == torch.device("cpu")
+    # A real megatron-core call site: RoPE allocates inv_freq on current_device() and moves it
+    # there again on the first forward.
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=False)
+    assert rope.inv_freq.device.type == "cpu"
+    assert rope(6).shape == (6, 1, 1, 8)
+
+
+def test_synchronize_is_noop() -> None:
+    assert torch.cuda.synchronize() is None
+    assert torch.cuda.synchronize(torch.device("cpu")) is None
+
+
+def test_rng_tracker_forks_reproducible_cpu_stream() -> None:
+    assert isinstance(mp_random.get_cuda_rng_tracker(), compat.CpuRNGStatesTracker)
+    assert mp_random.CudaRNGStatesTracker is compat.CpuRNGStatesTracker  # survives force_reset
+    tracker = compat.CpuRNGStatesTracker()
+    tracker.add("stream", 123)
+    expected = torch.rand(8, generator=torch.Generator().manual_seed(123))
+
+    torch.manual_seed(0)
+    outer_expected = torch.rand(4)
+    torch.manual_seed(0)
+    with tracker.fork("stream"):
+        first = torch.rand(4)
+    assert torch.equal(torch.rand(4), outer_expected), "fork did not restore the outer state"
+    with tracker.fork("stream"):
+        second = torch.rand(4)  # the stream continues where it stopped
+    assert torch.equal(torch.cat([first, second]), expected)
+
+    saved = tracker.get_states()
+    with tracker.fork("stream"):
+        third = torch.rand(4)
+    tracker.set_states(saved)
+    with tracker.fork("stream"):
+        assert torch.equal(torch.rand(4), third), "set_states did not rewind the stream"
+
+    with pytest.raises(ValueError, match="seed 123 already exists"):
+        tracker.add("other", 123)
+    with pytest.raises(ValueError, match="stream already exists"):
+        tracker.add("stream", 5)
+    with pytest.raises(KeyError, match="missing"):
+        with tracker.fork("missing"):
+            pass
+
+
+def test_cuda_literal_modules_create_cpu_tensors() -> None:
+    for module in (schedules, transformer_utils, rsm):
+        assert isinstance(module.torch, compat._CpuTorchView)
+        assert module.torch.zeros(2, device="cuda").device.type == "cpu"
+        assert module.torch.tensor([1], device="cuda").device.type == "cpu"
+        assert module.torch.float32 is torch.float32  # everything else is torch's own
+    assert transformer_utils.get_default_causal_mask(4).device.type == "cpu"
+    view = schedules.torch
+    compat._patch_cuda_literals()
+    assert schedules.torch is view  # idempotent: the view is not wrapped twice
+    if not torch.cuda.is_available():  # the real torch is untouched outside those modules
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1, device="cuda")
+
+
+def test_refuses_to_patch_a_cuda_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "_APPLIED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="must not run on a machine with CUDA"):
+        compat.apply_cpu_compat()
+
+
+def _multi_rank(rank: int, world: int) -> None:
+    init_parallel(ParallelConfig(tensor_model_parallel_size=world), seed=99)
+    group = parallel_state.get_tensor_model_parallel_group()
+    # RNG: the default stream agrees across TP ranks, the model-parallel stream differs.
+    with mp_random.get_cuda_rng_tracker().fork():
+        tp_draw = torch.rand(4)
+    draws = {"default": torch.rand(4), "tp": tp_draw}
+    gathered = {}
+    for name, t in draws.items():
+        parts = [torch.empty(4) for _ in range(world)]
+        dist.all_gather(parts, t, group=group)
+        gathered[name] = parts
+    assert torch.equal(*gathered["default"]) and not torch.equal(*gathered["tp"])
+
+    # rerun_state_machine: device="cuda" all-reduce flags.
+    machine = rsm.RerunStateMachine()
+    assert machine._reduce_any(rank == 0) is True
+    assert machine._reduce_any([False, rank == 1]) == (False, True)
+
+    # pipeline schedule: its device="cuda" token counter, one forward/backward step.
+    model_cfg = ModelConfig(family="llama", num_layers=1, hidden_size=32, ffn_hidden_size=64,
+                            num_attention_heads=4, num_query_groups=2, vocab_size=32)
+    parallel = ParallelConfig(tensor_model_parallel_size=world)
+    model = build_model(model_cfg, parallel, LoRAConfig(r=2))[0]
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step(data_iterator, chunk):
+        logits = chunk(next(data_iterator), torch.arange(8).expand(2, -1), attention_mask=None)
+
+        def loss(output):
+            total = output.float().pow(2).sum()
+            return total, torch.tensor(16), {"loss": total.detach()}
+        return logits, loss
+
+    out = schedules.get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter([ids]), model=[model], num_microbatches=1,
+        seq_length=8, micro_batch_size=2, forward_only=False)
+    assert len(out) == 1
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_multi_rank_rng_rerun_and_schedule() -> None:
+    spawn(_multi_rank, 2)
