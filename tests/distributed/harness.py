@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any, Callable
 
 import torch
@@ -34,7 +35,30 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
         destroy_parallel()
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; raise on any failure."""
-    mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size,
-                       join=True, start_method="fork")
+def _join(ctx, fn: Callable[..., Any], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{fn.__name__} did not finish within {timeout_s:.0f} s "
+                               f"(a collective some rank never reached?)")
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; raise on any failure.
+
+    A group still running after ``timeout_s`` is killed and reported (a hang never stalls CI).
+    A port picked as free can be taken by another process before rank 0 listens on it (tests run
+    side by side); only that start-up failure is retried, with a new port.
+    """
+    for attempt in range(3):
+        try:
+            ctx = mp.start_processes(_entry, args=(fn, world_size, _free_port(), args),
+                                     nprocs=world_size, join=False, start_method="fork")
+            _join(ctx, fn, timeout_s)
+            return
+        except mp.ProcessRaisedException as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
