@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mindlora.data.dataset import InstructionDataset, PairwiseDataset, read_meta
 from mindlora.data.indexed import IndexedDataset
