@@ -1,0 +1,251 @@
+"""Megatron-LM's checkpoint layout, as mindlora writes and reads it (base weights and adapters).
+
+``<dir>/latest_checkpointed_iteration.txt`` names an iteration (or ``release``);
+``<dir>/iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt`` holds one (TP rank, PP rank)'s payload:
+``model`` (or ``model0``, ``model1``, ... per virtual chunk, layer indices local to the chunk),
+``checkpoint_version``, ``iteration`` and ``mindlora``, a dict of plain metadata (see
+:func:`build_meta`) that makes every file self-describing: no flag has to repeat the model's shape
+or the layout it was saved with. Payloads hold tensors and plain Python values only, so every load
+is ``torch.load(weights_only=True)``; files are opened memory-mapped, so reading one tensor reads
+only its pages.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from typing import Any, Optional, Union
+
+import torch
+
+from mindlora.config import LoRAConfig, ModelConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+FORMAT_VERSION = 1
+CHECKPOINT_VERSION = 3.0
+KINDS = ("base", "adapter")
+Iteration = Union[int, str]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (what metadata stores)."""
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown params dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def iteration_dir_name(iteration: Iteration) -> str:
+    """``iter_0000001``, or ``release`` for Megatron's release checkpoints."""
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """``mp_rank_TT`` without pipeline parallelism, ``mp_rank_TT_PPP`` with it (as Megatron)."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def rank_file_path(root: str, iteration: Iteration, tp_rank: int, pp_rank: int,
+                   pp_size: int) -> str:
+    """Path of one rank's ``model_optim_rng.pt``."""
+    return os.path.join(root, iteration_dir_name(iteration),
+                        rank_dir_name(tp_rank, pp_rank, pp_size), RANK_FILE)
+
+
+def chunk_keys(vpp: Optional[int]) -> list[str]:
+    """Payload keys of the model chunks: ``["model"]`` or ``["model0", "model1", ...]``."""
+    return ["model"] if not vpp else [f"model{v}" for v in range(vpp)]
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_tracker(root: str, iteration: Iteration) -> None:
+    """Write ``latest_checkpointed_iteration.txt`` (atomically; write it after the rank files)."""
+    _atomic_write_text(os.path.join(root, TRACKER), str(iteration))
+
+
+def read_tracker(root: str) -> Iteration:
+    """The iteration ``latest_checkpointed_iteration.txt`` names."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {root} is not a Megatron-style checkpoint "
+                                f"directory (check --load-dir / --lora-load)")
+    text = open(path).read().strip()
+    if text == "release":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{path} must hold an iteration number or 'release', not {text!r}")
+
+
+def build_meta(kind: str, model_config: ModelConfig, tp: int, pp: int, vpp: Optional[int],
+               layer_ids: dict[str, list[int]], padded_vocab_size: int,
+               params_dtype: torch.dtype, lora_config: Optional[LoRAConfig] = None,
+               tp_rank: Optional[int] = None, pp_rank: Optional[int] = None) -> dict[str, Any]:
+    """The ``mindlora`` metadata of one rank file (plain types only).
+
+    Args:
+        kind: ``base`` (full weights) or ``adapter`` (lora_A/lora_B tensors only).
+        layer_ids: for each chunk key (:func:`chunk_keys`), the global ids of its layers in
+            local order.
+        padded_vocab_size: rows of the full (TP=1-equivalent) embedding as saved.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, not {kind!r}")
+    if kind == "adapter" and lora_config is None:
+        raise ValueError("adapter checkpoints need their lora_config")
+    return {
+        "format_version": FORMAT_VERSION, "kind": kind, "model_config": model_config.to_dict(),
+        "lora_config": lora_config.to_dict() if lora_config is not None else None,
+        "tp": tp, "pp": pp, "vpp": vpp, "tp_rank": tp_rank, "pp_rank": pp_rank,
+        "layer_ids": {k: [int(i) for i in v] for k, v in layer_ids.items()},
+        "padded_vocab_size": padded_vocab_size, "params_dtype": dtype_name(params_dtype),
+    }
+
+
+def validate_meta(meta: Any, path: str) -> dict[str, Any]:
+    """Check a rank file's ``mindlora`` metadata; return it (ValueError naming ``path`` if bad)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} has no 'mindlora' metadata: it was not written by mindlora "
+                         f"(a Megatron-LM / MindSpeed-LLM checkpoint?). Convert from the "
+                         f"Hugging Face model with tools/convert_ckpt.py instead")
+    errors = []
+    if meta.get("format_version") != FORMAT_VERSION:
+        errors.append(f"format_version {meta.get('format_version')} (this mindlora reads "
+                      f"{FORMAT_VERSION})")
+    if meta.get("kind") not in KINDS:
+        errors.append(f"kind {meta.get('kind')!r}")
+    for name in ("model_config", "tp", "pp", "layer_ids", "padded_vocab_size", "params_dtype"):
+        if name not in meta:
+            errors.append(f"missing field {name!r}")
+    if meta.get("kind") == "adapter" and not meta.get("lora_config"):
+        errors.append("adapter without lora_config")
+    if errors:
+        raise ValueError(f"{path}: invalid mindlora metadata: " + "; ".join(errors))
+    return meta
+
+
+def write_rank_file(path: str, payload: dict[str, Any]) -> None:
+    """``torch.save`` ``payload`` to ``path`` atomically (temp file + fsync + rename)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_rank_file(path: str, mmap: bool = True) -> dict[str, Any]:
+    """Load one rank file with ``weights_only=True`` (memory-mapped by default).
+
+    ``argparse.Namespace`` is allowed so Megatron-LM files (which pickle ``args``) load far enough
+    to be told apart; anything else non-tensor is refused by torch and reported here.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing checkpoint file {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds Python objects that a weights_only load refuses, so it "
+                         f"was not written by mindlora: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
+                         f"{str(e).splitlines()[0]}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} does not hold a checkpoint dict")
+    return payload
+
+
+def find_pp_size(root: str, iteration: Iteration) -> int:
+    """Pipeline size of a checkpoint: 1 if ``mp_rank_00`` exists, else what its metadata says."""
+    base = os.path.join(root, iteration_dir_name(iteration))
+    if os.path.isfile(os.path.join(base, rank_dir_name(0, 0, 1), RANK_FILE)):
+        return 1
+    path = os.path.join(base, rank_dir_name(0, 0, 2), RANK_FILE)
+    if os.path.isfile(path):
+        return int(validate_meta(load_rank_file(path).get("mindlora"), path)["pp"])
+    raise FileNotFoundError(f"missing checkpoint file {os.path.join(base, 'mp_rank_00', RANK_FILE)}"
+                            f" (nor mp_rank_00_000): {root} holds no "
+                            f"{iteration_dir_name(iteration)}")
+
+
+def read_meta(load_dir: str, iteration: Optional[Iteration] = None
+              ) -> tuple[Iteration, dict[str, Any]]:
+    """(iteration, metadata of rank file TP0/PP0) of the checkpoint in ``load_dir``.
+
+    Args:
+        iteration: which iteration; default: the one ``latest_checkpointed_iteration.txt`` names.
+    """
+    if iteration is None:
+        iteration = read_tracker(load_dir)
+    pp = find_pp_size(load_dir, iteration)
+    path = rank_file_path(load_dir, iteration, 0, 0, pp)
+    return iteration, validate_meta(load_rank_file(path).get("mindlora"), path)
+
+
+def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[int],
+                     pre_process: bool, post_process: bool, tie_word_embeddings: bool,
+                     padded_vocab_size: int, iteration: Optional[Iteration] = None
+                     ) -> dict[str, torch.Tensor]:
+    """State dict of one model chunk in the *target* layout, from a checkpoint of any layout.
+
+    Reads only the source rank files that hold ``layer_ids`` (memory-mapped), gathers each tensor
+    to its full shape and cuts this rank's shard (mindlora.models.sharding). Works for base and
+    adapter checkpoints alike; an adapter yields only ``lora_A``/``lora_B`` keys.
+
+    Args:
+        load_dir: the checkpoint root (holds ``latest_checkpointed_iteration.txt``).
+        tp_size, tp_rank: the target tensor-parallel layout and this rank.
+        layer_ids: global ids of the chunk's layers, in local order (``decoder.layers.{j}``).
+        pre_process / post_process: the chunk holds the embedding / final norm and output layer.
+        tie_word_embeddings: the model ties the output layer to the embedding; a last stage
+            without the embedding then gets ``output_layer.weight`` as a copy of it.
+        padded_vocab_size: vocabulary rows of the target model (all TP ranks together).
+    """
+    from mindlora.checkpoint.reshard import MegatronReader, shard_tensor
+
+    reader = MegatronReader(load_dir, iteration)
+    if reader.model_config.tie_word_embeddings != tie_word_embeddings:
+        raise ValueError(f"{load_dir}: checkpoint has tie_word_embeddings="
+                         f"{reader.model_config.tie_word_embeddings}, model has "
+                         f"{tie_word_embeddings}")
+    out: dict[str, torch.Tensor] = {}
+    for j, layer_id in enumerate(layer_ids):
+        for key, full in reader.full_layer(layer_id).items():
+            out[f"decoder.layers.{j}.{key}"] = shard_tensor(key, full, tp_size, tp_rank)
+    if reader.kind != "base":
+        return out
+    wanted = []
+    if pre_process:
+        wanted.append(("embedding.word_embeddings.weight", "embedding.word_embeddings.weight"))
+    if post_process:
+        wanted.append(("decoder.final_layernorm.weight", "decoder.final_layernorm.weight"))
+        if not tie_word_embeddings:
+            wanted.append(("output_layer.weight", "output_layer.weight"))
+        elif not pre_process:
+            wanted.append(("output_layer.weight", "embedding.word_embeddings.weight"))
+    for key, source_key in wanted:
+        out[key] = shard_tensor(key, reader.full_global(source_key), tp_size, tp_rank,
+                                padded_vocab_size)
+    return out

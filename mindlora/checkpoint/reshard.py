@@ -1,0 +1,229 @@
+"""Resharding: gather a saved layout to full tensors, cut full tensors into any TP x PP layout.
+
+Only slicing lives here. Which axis a parameter splits along comes from the one table in
+mindlora.models.sharding; which layers a rank holds comes from the checkpoint's own metadata when
+reading, and from the layer split (``--num-layer-list`` or even) when writing. Layers are visited
+one at a time, so memory holds about one layer (plus what the sink buffers).
+
+"Full" tensors are what TP=1 holds, except that vocabulary rows are unpadded (``vocab_size``):
+padding depends on the TP size, so it is stripped on read and redone on write.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint.rank_writer import StreamingRankFile
+from mindlora.config import LoRAConfig, ModelConfig
+from mindlora.models.sharding import gather, pad_vocab, shard, split_rule
+
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+GLOBAL_KEYS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+               "output_layer.weight")
+
+
+def shard_tensor(key: str, full: torch.Tensor, tp_size: int, tp_rank: int,
+                 padded_vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Rank ``tp_rank``'s shard of the full tensor ``full`` stored under ``key``.
+
+    Vocabulary tensors are first padded with zero rows to ``padded_vocab_size`` (zero rows give
+    zero logits for the padding ids, which no token uses).
+    """
+    if key.endswith(VOCAB_KEYS) and padded_vocab_size is not None:
+        extra = padded_vocab_size - full.shape[0]
+        if extra < 0:
+            raise ValueError(f"{key}: {full.shape[0]} rows do not fit padded vocab "
+                             f"{padded_vocab_size}")
+        if extra:
+            full = torch.cat([full, full.new_zeros(extra, *full.shape[1:])])
+    if tp_size == 1:
+        return full.contiguous()  # nothing to cut; spare a copy of every tensor on TP1 targets
+    return shard(full, split_rule(key), tp_size, tp_rank)
+
+
+def stage_layer_ids(num_layers: int, pp: int, num_layer_list: Optional[list[int]] = None
+                    ) -> list[list[int]]:
+    """Global layer ids of each pipeline stage for a non-interleaved target layout."""
+    counts = list(num_layer_list) if num_layer_list else [num_layers // pp] * pp
+    starts = [sum(counts[:p]) for p in range(pp)]
+    return [list(range(s, s + n)) for s, n in zip(starts, counts)]
+
+
+class MegatronReader:
+    """Lazy, memory-mapped reader of a mindlora checkpoint saved under any TP x PP x VPP layout.
+
+    On opening, every rank file's metadata is loaded (pickles only, no tensor data), so a missing,
+    truncated or inconsistent file is reported before any output is written.
+    """
+
+    def __init__(self, root: str, iteration: Optional[mf.Iteration] = None) -> None:
+        self.root = root
+        self.iteration, self.meta = mf.read_meta(root, iteration)
+        self.kind: str = self.meta["kind"]
+        self.model_config = ModelConfig.from_dict(self.meta["model_config"])
+        lora = self.meta.get("lora_config")
+        self.lora_config: Optional[LoRAConfig] = LoRAConfig.from_dict(lora) if lora else None
+        self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
+        self.params_dtype = mf.dtype_from_name(self.meta["params_dtype"])
+        self._where: dict[int, tuple[int, str, int]] = {}
+        for pp_rank in range(self.pp):
+            metas = [self._check_file(tp_rank, pp_rank) for tp_rank in range(self.tp)]
+            for tp_rank, meta in enumerate(metas):
+                if meta["layer_ids"] != metas[0]["layer_ids"]:
+                    raise ValueError(f"{self.path(tp_rank, pp_rank)}: layer_ids differ from "
+                                     f"{self.path(0, pp_rank)}")
+            for chunk, ids in metas[0]["layer_ids"].items():
+                for local, layer_id in enumerate(ids):
+                    if layer_id in self._where:
+                        raise ValueError(f"{root}: layer {layer_id} is saved twice")
+                    self._where[layer_id] = (pp_rank, chunk, local)
+        missing = sorted(set(range(self.model_config.num_layers)) - set(self._where))
+        if missing:
+            raise ValueError(f"{root}: the rank files hold no layer(s) {missing}")
+
+    def path(self, tp_rank: int, pp_rank: int) -> str:
+        return mf.rank_file_path(self.root, self.iteration, tp_rank, pp_rank, self.pp)
+
+    def _check_file(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+        path = self.path(tp_rank, pp_rank)
+        meta = mf.validate_meta(mf.load_rank_file(path).get("mindlora"), path)
+        for field in ("kind", "tp", "pp", "model_config"):
+            if meta[field] != self.meta[field]:
+                raise ValueError(f"{path}: {field} {meta[field]!r} differs from the other rank "
+                                 f"files' {self.meta[field]!r}")
+        return meta
+
+    def _stage(self, pp_rank: int) -> list[dict[str, Any]]:
+        """Every TP rank's payload of one stage (memory-mapped; dropped by the caller)."""
+        return [mf.load_rank_file(self.path(t, pp_rank)) for t in range(self.tp)]
+
+    def full_layer(self, layer_id: int, meta: bool = False) -> dict[str, torch.Tensor]:
+        """Full tensors of global layer ``layer_id``, keyed relative to ``decoder.layers.{i}.``.
+
+        Args:
+            meta: return ``meta`` tensors (shape and dtype only; no data is read).
+        """
+        if layer_id not in self._where:
+            raise KeyError(f"{self.root}: no layer {layer_id}")
+        pp_rank, chunk, local = self._where[layer_id]
+        payloads = self._stage(pp_rank)
+        prefix = f"decoder.layers.{local}."
+        out = {}
+        for key in payloads[0][chunk]:
+            if not key.startswith(prefix) or key.endswith("_extra_state"):
+                continue
+            shards = [p[chunk][key] for p in payloads]
+            if meta:
+                shards = [s.to("meta") for s in shards]
+            out[key[len(prefix):]] = gather(shards, split_rule(key))
+        return out
+
+    def global_keys(self) -> list[str]:
+        """Keys :meth:`full_global` serves (none for adapters; no output layer when tied)."""
+        if self.kind != "base":
+            return []
+        keys = list(GLOBAL_KEYS)
+        return keys[:2] if self.model_config.tie_word_embeddings else keys
+
+    def full_global(self, key: str, meta: bool = False) -> torch.Tensor:
+        """Full embedding / final norm / output layer, vocabulary rows unpadded."""
+        first = key.startswith("embedding.")
+        pp_rank = 0 if first else self.pp - 1
+        chunks = mf.chunk_keys(self.meta.get("vpp"))
+        chunk = chunks[0] if first else chunks[-1]
+        payloads = self._stage(pp_rank)
+        if key not in payloads[0][chunk]:
+            raise ValueError(f"{self.path(0, pp_rank)} has no {key}")
+        shards = [p[chunk][key] for p in payloads]
+        if meta:
+            shards = [s.to("meta") for s in shards]
+        full = gather(shards, split_rule(key))
+        if key in VOCAB_KEYS:
+            full = full[: self.model_config.vocab_size]
+        return full
+
+    def hf_assets_dir(self) -> Optional[str]:
+        """The HF config/tokenizer files saved beside the weights, if any."""
+        path = os.path.join(self.root, HF_ASSETS)
+        return path if os.path.isdir(path) else None
+
+
+HF_ASSETS = "hf_assets"
+"""Sub-directory of a converted checkpoint keeping the HF config.json and tokenizer files."""
+
+
+class MegatronWriter:
+    """Sink writing full layers into a TP x PP layout, one streamed rank file per (TP, PP) rank."""
+
+    def __init__(self, root: str, kind: str, model_config: ModelConfig, tp: int, pp: int,
+                 num_layer_list: Optional[list[int]], params_dtype: torch.dtype,
+                 lora_config: Optional[LoRAConfig] = None, iteration: mf.Iteration = 1) -> None:
+        self.root, self.kind, self.cfg = root, kind, model_config
+        self.tp, self.pp, self.iteration = tp, pp, iteration
+        self.stages = stage_layer_ids(model_config.num_layers, pp, num_layer_list)
+        self.stage_of = {i: (p, j) for p, ids in enumerate(self.stages) for j, i in enumerate(ids)}
+        self.padded_vocab = pad_vocab(model_config.vocab_size, tp)
+        self.params_dtype, self.lora_config = params_dtype, lora_config
+        self.files: dict[tuple[int, int], StreamingRankFile] = {}
+
+    def _global_targets(self, key: str) -> list[tuple[int, str]]:
+        """(pp rank, key written) for a global tensor; a tied head is copied to the last stage."""
+        if key.startswith("embedding."):
+            out = [(0, key)]
+            if self.cfg.tie_word_embeddings and self.pp > 1:
+                out.append((self.pp - 1, "output_layer.weight"))
+            return out
+        return [(self.pp - 1, key)]
+
+    def plan(self, layers: dict[int, dict[str, torch.Tensor]],
+             globals_: dict[str, torch.Tensor]) -> None:
+        """Lay out every rank file from meta tensors (shapes and dtypes of the full tensors).
+
+        File order follows the model: embedding, layers, final norm, output layer.
+        """
+        embedding = GLOBAL_KEYS[0]
+        entries: dict[int, list[tuple[str, torch.Tensor]]] = {p: [] for p in range(self.pp)}
+        if embedding in globals_:
+            entries[0].append((embedding, globals_[embedding]))
+        for layer_id in sorted(layers):
+            p, j = self.stage_of[layer_id]
+            entries[p] += [(f"decoder.layers.{j}.{k}", v) for k, v in layers[layer_id].items()]
+        last = entries[self.pp - 1]
+        last += [(k, globals_[k]) for k in GLOBAL_KEYS[1:] if k in globals_]
+        if embedding in globals_ and self.cfg.tie_word_embeddings and self.pp > 1:
+            last.append(("output_layer.weight", globals_[embedding]))  # see _global_targets
+        for p in range(self.pp):
+            for t in range(self.tp):
+                state = {k: shard_tensor(k, v, self.tp, t, self.padded_vocab)
+                         for k, v in entries[p]}
+                meta = mf.build_meta(self.kind, self.cfg, self.tp, self.pp, None,
+                                     {"model": self.stages[p]}, self.padded_vocab,
+                                     self.params_dtype, self.lora_config, tp_rank=t, pp_rank=p)
+                skeleton = {"model": state, "checkpoint_version": mf.CHECKPOINT_VERSION,
+                            "iteration": 0 if self.iteration == "release" else self.iteration,
+                            "mindlora": meta}
+                path = mf.rank_file_path(self.root, self.iteration, t, p, self.pp)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self.files[p, t] = StreamingRankFile(path, skeleton)
+
+    def write_global(self, key: str, full: torch.Tensor) -> None:
+        for p, k in self._global_targets(key):
+            for t in range(self.tp):
+                self.files[p, t].write({("model", k): shard_tensor(k, full, self.tp, t,
+                                                                   self.padded_vocab)})
+
+    def write_layer(self, layer_id: int, full: dict[str, torch.Tensor]) -> None:
+        """Write one layer, one shard at a time (memory: the layer plus one shard)."""
+        p, j = self.stage_of[layer_id]
+        for key, value in full.items():
+            for t in range(self.tp):
+                self.files[p, t].write({("model", f"decoder.layers.{j}.{key}"):
+                                        shard_tensor(key, value, self.tp, t)})
+
+    def finish(self) -> None:
+        for f in self.files.values():
+            f.close()
+        mf.write_tracker(self.root, self.iteration)
