@@ -35,6 +35,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from mindlora.config import LoRAConfig
+from mindlora.lora import fused
 
 
 class LoRAMixin:
@@ -64,6 +65,11 @@ class LoRAMixin:
             with get_cuda_rng_tracker().fork():
                 return self.lora_dropout(x)
         return self.lora_dropout(x)
+
+    def _fused(self, weight: Optional[torch.Tensor] = None) -> bool:
+        """Use the CCLoRA path (lora/fused.py): --lora-fusion on, not merged, base frozen."""
+        weight = self.weight if weight is None else weight
+        return self.lora_config.fusion and not self.merged and not weight.requires_grad
 
     def _delta_weight(self) -> torch.Tensor:
         """``s * B @ A`` for this rank's shard, in float32."""
@@ -100,6 +106,9 @@ class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
+        if self._fused(weight):
+            output, bias = fused.column_forward(self, input_, weight)
+            return self._maybe_gather(output, runtime_gather_output), bias
         output, bias = super().forward(input_, weight, runtime_gather_output=False)
         if self.merged:
             return self._maybe_gather(output, runtime_gather_output), bias
@@ -135,6 +144,8 @@ class LoRARowParallelLinear(LoRAMixin, RowParallelLinear):
         self._add_lora(self.input_size_per_partition, output_size, lora_config)
 
     def forward(self, input_: torch.Tensor):
+        if self._fused():
+            return fused.row_forward(self, input_)
         output_parallel = F.linear(input_, self.weight)
         if not self.merged:
             b_weight = copy_to_tensor_model_parallel_region(self.lora_B.weight, group=self.tp_group)

@@ -6,7 +6,9 @@ runtime device is the CPU (on CUDA/NPU nothing here runs) and each has its own t
 
 1. ``torch.cuda.current_device()`` is used as a ``device=`` argument in ~175 places (buffers, RoPE,
    p2p shape exchange). On a CPU-only build it raises; we make it return the CPU device.
-   ``torch.cuda.synchronize()`` (called after p2p batches) becomes a no-op for the same reason.
+   ``torch.cuda.synchronize()`` (called after p2p batches) becomes a no-op for the same reason,
+   and ``Tensor.cuda()`` (the tied-embedding copy on the last pipeline stage) keeps the tensor
+   where it is.
 2. The model-parallel RNG tracker (``tensor_parallel.random``) keeps CUDA generator states. We
    install a tracker with the same interface that keeps CPU generator states, so dropout inside
    tensor-parallel regions still forks a per-TP-rank stream.
@@ -37,9 +39,14 @@ def _noop_synchronize(device: Any = None) -> None:
     return None
 
 
+def _tensor_stays(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
 def _patch_cuda_device_queries() -> None:
     torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
     torch.cuda.synchronize = _noop_synchronize  # type: ignore[assignment]
+    torch.Tensor.cuda = _tensor_stays  # type: ignore[assignment]
 
 
 class CpuRNGStatesTracker:

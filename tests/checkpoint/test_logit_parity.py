@@ -177,10 +177,6 @@ def test_converted_models_match_hf_and_peft(all_cases):
     spawn(_body, 2, cases)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="megatron-core's LanguageModule.setup_embeddings_and_output_layer calls "
-                          "weight.data.cuda() for tied embeddings with PP>1; needs a CPU patch "
-                          "in mindlora.runtime.compat (strict: remove this mark once it passes)")
 def test_tied_embeddings_under_pipeline_parallel(all_cases):
     cases = [c for c in all_cases if _tied_pp(c)]
     assert len(cases) == 3

@@ -43,7 +43,8 @@ def test_unpatched_torch_fails_on_cpu() -> None:
         calls = {"current_device": torch.cuda.current_device,
                  "synchronize": torch.cuda.synchronize,
                  "rng_state": torch.cuda.get_rng_state,
-                 "cuda_literal": lambda: torch.ones(2, device="cuda")}
+                 "cuda_literal": lambda: torch.ones(2, device="cuda"),
+                 "tensor_cuda": lambda: torch.ones(2).cuda()}
         for name, call in calls.items():
             try:
                 call()
@@ -54,7 +55,8 @@ def test_unpatched_torch_fails_on_cpu() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["current_device", "fails", "synchronize", "fails",
-                           "rng_state", "fails", "cuda_literal", "fails"], out
+                           "rng_state", "fails", "cuda_literal", "fails",
+                           "tensor_cuda", "fails"], out
 
 
 def test_current_device_is_cpu() -> None:
@@ -69,6 +71,12 @@ def test_current_device_is_cpu() -> None:
 def test_synchronize_is_noop() -> None:
     assert torch.cuda.synchronize() is None
     assert torch.cuda.synchronize(torch.device("cpu")) is None
+
+
+def test_tensor_cuda_keeps_the_tensor() -> None:
+    """megatron-core moves the tied output weight with ``weight.data.cuda()`` (PP > 1)."""
+    t = torch.ones(3)
+    assert t.cuda() is t and t.cuda(0).device.type == "cpu"
 
 
 def test_rng_tracker_forks_reproducible_cpu_stream() -> None:

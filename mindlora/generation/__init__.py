@@ -1,0 +1,1 @@
+"""mindlora.generation."""
