@@ -45,8 +45,37 @@ def _2d_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tgrad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` summed over every token: ``[..., m]``, ``[..., n]`` -> ``[m, n]``."""
-    return _2d(a).t() @ _2d(b)
+    """``a^T b`` summed over every token: ``[..., m]``, ``[..., n]`` -> ``[m, n]``.
+
+    The rank-sized operand goes on the left: with ``b`` r wide, ``(b^T a)^T`` reads ``a``
+    row-major and ran 5x faster on CPU than ``a^T b`` for ``a = [1024, 3072]``, ``r = 8``.
+    """
+    a2, b2 = _2d(a), _2d(b)
+    if b2.shape[1] < a2.shape[1]:
+        return (b2.t() @ a2).t().contiguous()  # contiguous: collectives may reduce it
+    return a2.t() @ b2
+
+
+class _FromRank(torch.autograd.Function):
+    """``z @ w^T`` for a rank-sized ``z`` (``[..., r]``): autograd's own weight gradient,
+    ``g^T z``, runs in the slow orientation (see :func:`_tgrad`); this one does not."""
+
+    @staticmethod
+    def forward(ctx, z, w):
+        ctx.save_for_backward(z, w)
+        return z @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        z, w = ctx.saved_tensors
+        dz = g @ w if ctx.needs_input_grad[0] else None
+        dw = _tgrad(g, z).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dz, dw
+
+
+def from_rank(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(z, w)`` for LoRA's B product, with a fast weight gradient."""
+    return _FromRank.apply(z, w)
 
 
 def _linear_lora(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, b: torch.Tensor,

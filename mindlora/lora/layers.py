@@ -67,9 +67,12 @@ class LoRAMixin:
         return self.lora_dropout(x)
 
     def _fused(self, weight: Optional[torch.Tensor] = None) -> bool:
-        """Use the CCLoRA path (lora/fused.py): --lora-fusion on, not merged, base frozen."""
+        """Use the fused path (lora/fused.py): not merged, base frozen, and either --lora-fusion
+        (CCLoRA) or TP=1, where there is no collective to fold and the fused kernel (in-place
+        accumulation, fast factor gradients) is simply the faster way to compute the same sum."""
         weight = self.weight if weight is None else weight
-        return self.lora_config.fusion and not self.merged and not weight.requires_grad
+        fuse = self.lora_config.fusion or self.tp_group is None or self.tp_group.size() == 1
+        return fuse and not self.merged and not weight.requires_grad
 
     def _delta_weight(self) -> torch.Tensor:
         """``s * B @ A`` for this rank's shard, in float32."""
@@ -90,10 +93,14 @@ class LoRAMixin:
             self.merged = False
 
 
-def _linear(x: torch.Tensor, layer: torch.nn.Linear,
-            weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    w = layer.weight if weight is None else weight
-    return F.linear(x, w.to(x.dtype))
+def _down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``A x``: the factor is cast to the activation dtype."""
+    return F.linear(x, a.to(x.dtype))
+
+
+def _up(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``B z``, with B's gradient formed in the fast orientation (see lora/fused.py)."""
+    return fused.from_rank(z, b.to(z.dtype))
 
 
 class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
@@ -115,13 +122,12 @@ class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
         a_weight = self.lora_A.weight
         if self.sequence_parallel:
             a_weight = copy_to_tensor_model_parallel_region(a_weight, group=self.tp_group)
-        z = _linear(self._dropout(input_, sharded_input=self.sequence_parallel), self.lora_A,
-                    a_weight)
+        z = _down(self._dropout(input_, sharded_input=self.sequence_parallel), a_weight)
         if self.sequence_parallel:
             z = gather_from_sequence_parallel_region(z, group=self.tp_group)
         else:
             z = copy_to_tensor_model_parallel_region(z, group=self.tp_group)
-        output = output + self.scaling * _linear(z, self.lora_B)
+        output = output + self.scaling * _up(z, self.lora_B.weight)
         return self._maybe_gather(output, runtime_gather_output), bias
 
     def _maybe_gather(self, output: torch.Tensor, runtime_gather_output: Optional[bool]):
@@ -149,8 +155,8 @@ class LoRARowParallelLinear(LoRAMixin, RowParallelLinear):
         output_parallel = F.linear(input_, self.weight)
         if not self.merged:
             b_weight = copy_to_tensor_model_parallel_region(self.lora_B.weight, group=self.tp_group)
-            z = _linear(self._dropout(input_, sharded_input=True), self.lora_A)
-            output_parallel = output_parallel + self.scaling * _linear(z, self.lora_B, b_weight)
+            z = _down(self._dropout(input_, sharded_input=True), self.lora_A.weight)
+            output_parallel = output_parallel + self.scaling * _up(z, b_weight)
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(output_parallel,
                                                                 group=self.tp_group)

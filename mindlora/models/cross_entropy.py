@@ -23,7 +23,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-_CHUNK_ELEMENTS = 1 << 22  # logits floats per chunk (16 MiB in fp32)
+_CHUNK_ELEMENTS = 1 << 25  # logits floats per chunk (128 MiB in fp32): larger chunks ran the
+# two matmuls 1.4x faster on CPU (512 vs 85 tokens at a 49k vocabulary); still far below the
+# full [tokens, vocab] logits (and their gradient) a plain loss keeps
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

@@ -81,3 +81,37 @@ def write_instruction_data(prefix: str, n: int = 64, vocab: int = 256, seed: int
         w.finalize()
         w.commit()
     return prefix
+
+
+def preprocess_alpaca(root: str, n: int = 96, seed: int = 0) -> tuple[str, int]:
+    """Alpaca records -> ``tools/preprocess_data.py``'s pipeline (qwen template, toy BPE).
+
+    Returns (data prefix, tokenizer vocabulary size). Real preprocessed data: chat template,
+    prompt tokens masked, one sample per document.
+    """
+    import json
+    import random
+
+    from mindlora.data.preprocess import PreprocessConfig, run_preprocess
+    from mindlora.data.tokenizer import load_tokenizer
+    from mindlora.data.toy import build_toy_tokenizer
+
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        records.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}",
+                        "output": f"{a} + {b} = {a + b}"})
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "alpaca.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    tok_dir = build_toy_tokenizer(os.path.join(root, "tokenizer"), chat_template="qwen3",
+                                  vocab_size=300,
+                                  corpus=[f"{r['instruction']} {r['input']} {r['output']}"
+                                          for r in records])
+    prefix = os.path.join(root, "data", "alpaca")
+    run_preprocess(PreprocessConfig(input=path, tokenizer_name_or_path=tok_dir,
+                                    output_prefix=prefix, prompt_type="qwen",
+                                    log_interval=10 ** 9))
+    return prefix, load_tokenizer(tok_dir).vocab_size

@@ -1,6 +1,7 @@
 """Loss-curve parity: every parallel layout trains like one process over the same global batch.
 
-10 iterations of LoRA SFT, float32, global batch 8: TP2, PP2, DP2, TP2+sequence parallel,
+10 iterations of LoRA SFT on Alpaca records run through the real preprocessor (chat template,
+prompt tokens masked), float32, global batch 8: TP2, PP2, DP2, TP2+sequence parallel,
 interleaved PP2 (2 virtual stages), TP2xPP2 and TP2xDP2 must give the per-iteration losses and
 grad norms of TP1xPP1xDP1 to 1e-5 relative. Several layouts run one after another inside one
 spawned group (process start-up dominates on 2 cores).
@@ -10,14 +11,14 @@ import json
 import pytest
 
 from tests.distributed.harness import spawn
-from tests.training.fixtures import tiny_model, write_base_checkpoint, write_instruction_data
+from tests.training.fixtures import preprocess_alpaca, tiny_model, write_base_checkpoint
 
 ITERS = 10
 
 
 def _flags(base, data, extra):
     return ["--load", base, "--data-path", data, "--micro-batch-size", "1",
-            "--global-batch-size", "8", "--seq-length", "32", "--train-iters", str(ITERS),
+            "--global-batch-size", "8", "--seq-length", "96", "--train-iters", str(ITERS),
             "--lr", "1e-2", "--lr-warmup-iters", "2", "--lora-r", "4", "--lora-alpha", "8",
             "--clip-grad", "1.0", "--weight-decay", "0.01", "--log-interval", "100",
             "--no-pad-to-seq-lengths", "--pad-to-multiple-of", "4", *extra]
@@ -56,9 +57,10 @@ def _layouts_body(rank, world, base, data, ref_path, layouts):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
-    model = tiny_model(num_layers=4, num_attention_heads=4, num_query_groups=2)
+    data, vocab = preprocess_alpaca(str(root / "alpaca"), n=96)
+    model = tiny_model(num_layers=4, num_attention_heads=4, num_query_groups=2,
+                       vocab_size=((vocab + 63) // 64) * 64)
     base = write_base_checkpoint(str(root / "base"), model)
-    data = write_instruction_data(str(root / "data" / "sft"), n=96)
     ref = str(root / "ref.json")
     spawn(_reference_body, 1, base, data, ref)
     with open(ref) as f:
