@@ -161,10 +161,19 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoR
         ).to(device)
         for p in gpt.parameters():
             p.requires_grad_(False)
+        if config.recompute_granularity is not None and gpt.pre_process:
+            # megatron-core recomputes through a reentrant autograd Function, which only
+            # propagates gradients if its *input* requires grad; with a frozen embedding it does
+            # not, and the LoRA factors inside would silently get no gradient.
+            gpt.embedding.register_forward_hook(_require_grad)
         if lora is not None:
             _init_lora(gpt, tp_rank, tp_size)
         chunks.append(gpt)
     return chunks
+
+
+def _require_grad(module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True) if not output.requires_grad else output
 
 
 def _init_lora(gpt: MindloraGPTModel, tp_rank: int, tp_size: int) -> None:

@@ -11,7 +11,9 @@ runtime device is the CPU (on CUDA/NPU nothing here runs) and each has its own t
    where it is.
 2. The model-parallel RNG tracker (``tensor_parallel.random``) keeps CUDA generator states. We
    install a tracker with the same interface that keeps CPU generator states, so dropout inside
-   tensor-parallel regions still forks a per-TP-rank stream.
+   tensor-parallel regions still forks a per-TP-rank stream. Activation recomputation saves and
+   restores "the CUDA RNG state" beside the CPU one; on CPU there is none, so those two helpers
+   return an empty state and restore nothing (the CPU state is saved by megatron-core itself).
 3. A few modules write ``device="cuda"`` literally: the pipeline schedules (token counts), the
    default causal mask (``transformer.utils``) and the rerun state machine. Those modules (and only
    they) see a thin view of ``torch`` whose tensor factories map a CUDA device to the CPU; every
@@ -104,6 +106,16 @@ def _patch_rng_tracker() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # model_parallel_cuda_manual_seed(force_reset_rng=True) would rebuild a CUDA tracker.
     mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mp_random._get_cuda_rng_state = _no_cuda_rng_state
+    mp_random._set_cuda_rng_state = _set_no_cuda_rng_state
+
+
+def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _to_cpu_device(fn):
