@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
-
-
-def alpaca_records(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    recs = []
-    for _ in range(n):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
-        recs.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}",
-                     "output": f"{a} + {b} = {a + b}"})
-    return recs
 
 
 def main(out: str) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from mindlora.data.toy import build_toy_tokenizer
+    from mindlora.data.toy import addition_records, build_toy_tokenizer
 
     os.makedirs(out, exist_ok=True)
-    records = alpaca_records(512)
+    records = addition_records(512, high=49)
     with open(os.path.join(out, "alpaca_add.json"), "w") as f:
         json.dump(records, f, indent=1)
     hf_dir = os.path.join(out, "qwen3_tiny_hf")

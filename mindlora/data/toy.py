@@ -128,3 +128,17 @@ def build_toy_tokenizer(out_dir: str | os.PathLike, chat_template: str = "qwen3"
         chat_template=CHAT_TEMPLATES.get(chat_template, chat_template))
     hf.save_pretrained(os.fspath(out_dir))
     return os.fspath(out_dir)
+
+
+def addition_records(n: int, seed: int = 0, high: int = 99) -> list[dict]:
+    """``n`` Alpaca records asking to add two numbers: learnable in seconds by a small adapter,
+    used by the quickstart, tests and benches (no data set is downloaded)."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b = rng.randint(0, high), rng.randint(0, high)
+        records.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}",
+                        "output": f"{a} + {b} = {a + b}"})
+    return records

@@ -90,18 +90,12 @@ def preprocess_alpaca(root: str, n: int = 96, seed: int = 0) -> tuple[str, int]:
     prompt tokens masked, one sample per document.
     """
     import json
-    import random
 
     from mindlora.data.preprocess import PreprocessConfig, run_preprocess
     from mindlora.data.tokenizer import load_tokenizer
-    from mindlora.data.toy import build_toy_tokenizer
+    from mindlora.data.toy import addition_records, build_toy_tokenizer
 
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        records.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}",
-                        "output": f"{a} + {b} = {a + b}"})
+    records = addition_records(n, seed)
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "alpaca.json")
     with open(path, "w") as f:
