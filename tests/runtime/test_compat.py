@@ -79,6 +79,21 @@ def test_tensor_cuda_keeps_the_tensor() -> None:
     assert t.cuda() is t and t.cuda(0).device.type == "cpu"
 
 
+def test_recompute_rng_helpers_have_no_cuda_state() -> None:
+    """Activation recomputation saves/restores "the CUDA RNG state"; on CPU there is none, and
+    megatron-core's checkpoint function still replays the same CPU dropout mask."""
+    assert mp_random._get_cuda_rng_state().numel() == 0
+    assert mp_random._set_cuda_rng_state(torch.empty(0)) is None
+    x = torch.ones(64, requires_grad=True)
+    drop = torch.nn.Dropout(0.5)
+    torch.manual_seed(0)
+    out = mp_random.checkpoint(lambda t: drop(t) * 2, False, x)
+    out.sum().backward()
+    torch.manual_seed(0)
+    ref = drop(torch.ones(64)) * 2
+    assert torch.equal(out, ref) and torch.equal(x.grad, (ref != 0).float() * 4)
+
+
 def test_rng_tracker_forks_reproducible_cpu_stream() -> None:
     assert isinstance(mp_random.get_cuda_rng_tracker(), compat.CpuRNGStatesTracker)
     assert mp_random.CudaRNGStatesTracker is compat.CpuRNGStatesTracker  # survives force_reset

@@ -2,7 +2,8 @@
 
 10 iterations of LoRA SFT on Alpaca records run through the real preprocessor (chat template,
 prompt tokens masked), float32, global batch 8: TP2, PP2, DP2, TP2+sequence parallel,
-interleaved PP2 (2 virtual stages), TP2xPP2 and TP2xDP2 must give the per-iteration losses and
+interleaved PP2 (2 virtual stages), uneven PP2, TP2xPP2, TP2xDP2, and TP2 (+SP) with
+``--lora-fusion`` (CCLoRA) must give the per-iteration losses and
 grad norms of TP1xPP1xDP1 to 1e-5 relative. Several layouts run one after another inside one
 spawned group (process start-up dominates on 2 cores).
 """
@@ -79,6 +80,9 @@ def test_two_rank_layouts_match_single_process(setup):
         ("PP2 interleaved", ["--pipeline-model-parallel-size", "2",
                              "--num-layers-per-virtual-pipeline-stage", "1"]),
         ("PP2 uneven", ["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,3"]),
+        ("TP2 --lora-fusion", ["--tensor-model-parallel-size", "2", "--lora-fusion"]),
+        ("TP2+SP --lora-fusion", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                  "--lora-fusion"]),
     ]
     spawn(_layouts_body, 2, base, data, ref, layouts)
 
