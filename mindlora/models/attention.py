@@ -8,6 +8,7 @@ constructor and ``forward`` contract as megatron-core's class, so it drops into 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -44,17 +45,10 @@ class SDPAttention(MegatronModule):
         mask = None if attention_mask is None else ~attention_mask
         causal = mask is None and mask_type == AttnMaskType.causal and q.shape[2] > 1
         dropout = self.dropout_p if self.training else 0.0
-        with get_cuda_rng_tracker().fork() if dropout > 0 else _null():
+        with get_cuda_rng_tracker().fork() if dropout > 0 else nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=causal, scale=self.softmax_scale,
                                                  enable_gqa=q.shape[1] != k.shape[1])
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

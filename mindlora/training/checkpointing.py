@@ -37,9 +37,24 @@ class TrainState:
     nan_iterations: int = 0
 
 
+def _is_lora(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
 def _lora_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in chunk.state_dict().items()
-            if ".lora_A." in k or ".lora_B." in k}
+    return {k: v.detach().clone() for k, v in chunk.state_dict().items() if _is_lora(k)}
+
+
+def _chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: ModelConfig,
+                 parallel: ParallelConfig, iteration=None) -> dict[str, torch.Tensor]:
+    """This rank's chunk ``vp_stage`` read from a checkpoint of any layout (resharded)."""
+    tp = parallel.tensor_model_parallel_size
+    return fmt.load_model_shard(
+        load_dir, tp, parallel_state.get_tensor_model_parallel_rank(),
+        chunk_layer_ids(model, parallel, parallel_state.get_pipeline_model_parallel_rank(),
+                        vp_stage),
+        chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
+        padded_vocab_size(model, tp), iteration=iteration)
 
 
 def _rng_state() -> dict:
@@ -138,11 +153,8 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     same_layout = (meta["tp"], meta["pp"], meta.get("vpp")) == (tp, pp, vpp)
     if finetune:
         for v, chunk in enumerate(chunks):
-            sd = fmt.load_model_shard(lora_load, tp, tp_rank, chunk_layer_ids(model, parallel,
-                                      pp_rank, v), chunk.pre_process, chunk.post_process,
-                                      model.tie_word_embeddings,
-                                      padded_vocab_size(model, tp), iteration=iteration)
-            _load_lora_weights(chunk, sd, lora_load)
+            _load_lora_weights(chunk, _chunk_shard(lora_load, chunk, v, model, parallel,
+                                                   iteration), lora_load)
         return TrainState(), None
     if not same_layout:
         raise ValueError(
@@ -163,7 +175,7 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
 
 
 def _load_lora_weights(chunk: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    own = {k for k in chunk.state_dict() if ".lora_A." in k or ".lora_B." in k}
+    own = {k for k in chunk.state_dict() if _is_lora(k)}
     missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
     if missing or unexpected:
         raise ValueError(f"{where}: adapter tensors do not match the model "
@@ -180,15 +192,9 @@ def _load_lora_weights(chunk: torch.nn.Module, sd: dict[str, torch.Tensor], wher
 def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
               parallel: ParallelConfig) -> None:
     """Load the frozen base weights of this rank's chunks from a checkpoint of any layout."""
-    tp = parallel.tensor_model_parallel_size
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     for v, chunk in enumerate(chunks):
-        sd = fmt.load_model_shard(load_dir, tp, tp_rank, chunk_layer_ids(model, parallel, pp_rank, v),
-                                  chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
-                                  padded_vocab_size(model, tp))
-        own = {k for k in chunk.state_dict() if not k.endswith("_extra_state")
-               and ".lora_A." not in k and ".lora_B." not in k}
+        sd = _chunk_shard(load_dir, chunk, v, model, parallel)
+        own = {k for k in chunk.state_dict() if not k.endswith("_extra_state") and not _is_lora(k)}
         missing = sorted(own - set(sd))
         if missing:
             raise ValueError(f"--load {load_dir}: the checkpoint lacks {len(missing)} tensor(s) "

@@ -173,7 +173,8 @@ class Trainer:
         loss_bad = not math.isfinite(loss)
         skipped = loss_bad or not finite
         # fp16 overflow is routine (the scaler backs off); anything else non-finite is not.
-        self._bad_streak = self._bad_streak + 1 if (loss_bad or (skipped and not self.scaler.enabled)) else 0
+        bad = loss_bad or (skipped and not self.scaler.enabled)
+        self._bad_streak = self._bad_streak + 1 if bad else 0
         if skipped:
             self.state.skipped_iterations += 1
             self.state.nan_iterations += int(loss_bad)
