@@ -13,8 +13,10 @@ the vocabulary-parallel logits (``runtime_gather_output``); pipeline stages pass
 the next stage with ``send``/``recv`` on the pipeline group (chunks in interleaved order when a
 rank holds several), and the last stage broadcasts the chosen tokens to the pipeline group. Every
 rank therefore holds the same tokens and decides the same stops, with no other collective.
-Sequence parallelism is not used while generating (a one-token decode step cannot be split along
-the sequence); the weights, and so the results, are the same.
+``mindlora.generate`` builds its model without sequence parallelism (a one-token decode step
+cannot be split along the sequence; the weights, and so the results, are the same). A model that
+was built *with* it (the training loop's, for ``--eval-prompts``) is run without the cache, each
+step's sequence left-padded to a multiple of the tensor-parallel size.
 """
 from __future__ import annotations
 
@@ -97,6 +99,11 @@ class Generator:
         self.hidden_size = first.config.hidden_size
         self.act_dtype = first.config.pipeline_dtype or first.config.params_dtype
         self.is_last_stage = any(c.post_process for c in self.chunks)
+        # Sequence-parallel chunks split every activation along the sequence over TP ranks.
+        self.seq_multiple = (first.config.tensor_model_parallel_size
+                             if first.config.sequence_parallel else 1)
+        if self.seq_multiple > 1:
+            self.use_cache = False
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  names: Optional[Sequence[str]] = None,
@@ -168,10 +175,19 @@ class Generator:
     def _forward(self, tokens: torch.Tensor, valid: torch.Tensor, start: int, end: int,
                  contexts: Optional[list[StaticInferenceContext]]) -> Optional[torch.Tensor]:
         """Run positions ``[start, end)`` through every chunk; logits on the last stage."""
+        extra = (-(end - start)) % self.seq_multiple
+        if extra:  # only without a cache (start == 0): more left padding, masked like the rest
+            b = tokens.shape[0]
+            tokens = torch.cat([torch.full((b, extra), self.pad_id, dtype=torch.long,
+                                           device=self.device), tokens], 1)
+            valid = torch.cat([torch.zeros((b, extra), dtype=torch.bool, device=self.device),
+                               valid], 1)
+            end += extra
         ids = tokens[:, start:end]
         positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
         mask = _attention_mask(valid[:, :end], start)
         b, s = ids.shape
+        s //= self.seq_multiple  # the activations each rank passes between pipeline stages
         logits = None
         for v, chunk in enumerate(self.chunks):
             ctx = None
