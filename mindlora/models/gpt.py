@@ -11,9 +11,9 @@ megatron-core's GPTModel otherwise rotates by the token's index in the row and i
 """
 from __future__ import annotations
 
-import torch
 from typing import Optional
 
+import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
