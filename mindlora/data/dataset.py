@@ -4,8 +4,9 @@
 ``<prefix>_packed_labels_document`` (memory-mapped), and for data preprocessed with ``--pack``
 also ``<prefix>_packed_attention_mask_document``, whose per-token sample numbers become
 ``segment_ids`` (training restarts positions and blocks attention at their boundaries). Labels
-are unshifted with -100 = ignore; the model's loss shifts them. ``collate`` pads a batch either to exactly ``seq_length``
-(Megatron's default) or dynamically to the batch maximum rounded up to ``pad_to_multiple_of``.
+are unshifted with -100 = ignore; the model's loss shifts them. ``collate`` pads a batch either
+to exactly ``seq_length`` (Megatron's default) or dynamically to the batch maximum rounded up to
+``pad_to_multiple_of``.
 """
 from __future__ import annotations
 
