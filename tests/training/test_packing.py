@@ -8,11 +8,12 @@ relative in float32 (``tests/lora/checks.py`` explains the atol). The comparison
 packed rows without their segment ids (one running sequence, attention across samples) give
 another loss, and so do packed rows whose positions are all 0 (RoPE follows position_ids).
 
-End to end: Alpaca records preprocessed twice, with and without ``--pack``; both runs take the
-whole training set as their global batch (8 packed rows / 24 samples), so every step sees the
-same samples and the per-iteration losses and grad norms must match to 1e-5. A smaller global
-batch could not be compared: packing reorders the samples into rows (longest first), so no
-sample order puts the same samples into the same step of both runs.
+End to end (TP1 and PP2): Alpaca records preprocessed twice, with and without ``--pack``; both
+runs take the whole training set as their global batch (8 packed rows / 24 samples), so every
+step sees the same samples and the per-iteration losses and grad norms must match to 1e-5. A
+smaller global batch cannot be compared: the runs walk seeded permutations of different things
+(8 rows, 24 samples; packing also regroups samples longest first), so a step of one run does not
+hold the samples of the same step of the other.
 """
 from __future__ import annotations
 
@@ -116,6 +117,10 @@ def _model_level(rank, name, base, unpacked, packed, extra, can_fail=False):
     reference = _loss_and_grads(trainer, unpacked_batches)
     _compare(name, _loss_and_grads(trainer, packed_batch), reference)
     if can_fail:
+        with pytest.raises(ValueError, match="either segment_ids or attention_mask"):
+            trainer.chunks[0](packed_batch[0]["tokens"], packed_batch[0]["position_ids"],
+                              packed_attention_mask(packed_batch[0]["segment_ids"]),
+                              segment_ids=packed_batch[0]["segment_ids"])
         # Packing semantics off: the same rows as one running sequence each.
         plain = [{k: v for k, v in packed_batch[0].items() if k != "segment_ids"}]
         plain[0]["position_ids"] = torch.arange(plain[0]["tokens"].shape[1]).expand_as(
@@ -130,28 +135,32 @@ def _model_level(rank, name, base, unpacked, packed, extra, can_fail=False):
             _compare(f"{name} positions 0", _loss_and_grads(trainer, [flat]), reference)
 
 
-def _single_body(rank, world, base, unpacked, packed, n_rows):
+def _end_to_end(name, base, unpacked, packed, n_rows, extra=()):
     from mindlora.training.args import parse_args
     from mindlora.training.loop import train
 
-    _model_level(rank, "TP1", base, unpacked, packed, [], can_fail=True)
     runs = {}
     for kind, data, gbs in (("unpacked", unpacked, N_SAMPLES), ("packed", packed, n_rows)):
-        result = train(parse_args(_flags(base, data, gbs)), log=lambda *_: None)
-        runs[kind] = result
+        runs[kind] = train(parse_args(_flags(base, data, gbs, extra)), log=lambda *_: None)
     assert runs["unpacked"].losses[-1] < runs["unpacked"].losses[0], "the run must learn"
     for key in ("losses", "grad_norms"):
         torch.testing.assert_close(torch.tensor(getattr(runs["packed"], key), dtype=torch.float64),
                                    torch.tensor(getattr(runs["unpacked"], key),
                                                 dtype=torch.float64),
-                                   rtol=RTOL, atol=0, msg=lambda m: f"end to end {key}: {m}")
+                                   rtol=RTOL, atol=0, msg=lambda m: f"{name} end to end {key}: {m}")
 
 
-def _parallel_body(rank, world, base, unpacked, packed):
+def _single_body(rank, world, base, unpacked, packed, n_rows):
+    _model_level(rank, "TP1", base, unpacked, packed, [], can_fail=True)
+    _end_to_end("TP1", base, unpacked, packed, n_rows)
+
+
+def _parallel_body(rank, world, base, unpacked, packed, n_rows):
     _model_level(rank, "TP2+SP", base, unpacked, packed,
                  ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
     _model_level(rank, "PP2", base, unpacked, packed, ["--pipeline-model-parallel-size", "2"],
                  can_fail=True)
+    _end_to_end("PP2", base, unpacked, packed, n_rows, ["--pipeline-model-parallel-size", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -171,4 +180,4 @@ def test_packed_equals_unpacked_single_process(setup):
 
 
 def test_packed_equals_unpacked_tp2_sp_and_pp2(setup):
-    spawn(_parallel_body, 2, *setup[:3])
+    spawn(_parallel_body, 2, *setup)
