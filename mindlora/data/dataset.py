@@ -1,9 +1,12 @@
 """Training-time reading of preprocessed data: datasets, blends, splits and the collate function.
 
 ``InstructionDataset(prefix, seq_length)`` reads ``<prefix>_packed_input_ids_document`` and
-``<prefix>_packed_labels_document`` (memory-mapped). Labels are unshifted with -100 = ignore;
-the model's loss shifts them. ``collate`` pads a batch either to exactly ``seq_length``
-(Megatron's default) or dynamically to the batch maximum rounded up to ``pad_to_multiple_of``.
+``<prefix>_packed_labels_document`` (memory-mapped), and for data preprocessed with ``--pack``
+also ``<prefix>_packed_attention_mask_document``, whose per-token sample numbers become
+``segment_ids`` (training restarts positions and blocks attention at their boundaries). Labels
+are unshifted with -100 = ignore; the model's loss shifts them. ``collate`` pads a batch either
+to exactly ``seq_length`` (Megatron's default) or dynamically to the batch maximum rounded up to
+``pad_to_multiple_of``.
 """
 from __future__ import annotations
 
@@ -49,14 +52,20 @@ class InstructionDataset(Dataset):
 
     ``ds[i]`` is ``{"input_ids", "labels", "loss_mask"}``: LongTensor[L], LongTensor[L]
     (unshifted, -100 = ignore) and FloatTensor[L] (1 where the label is learned), L <= seq_length.
+    Packed data (the sidecar says ``"pack": true``) adds ``segment_ids``: LongTensor[L], the
+    sample number (1, 2, ...) of each token in its row. Data without a sidecar is read unpacked.
     """
 
     def __init__(self, prefix: str, seq_length: int) -> None:
         if seq_length <= 0:
             raise ValueError(f"seq_length must be positive, got {seq_length}")
         self.prefix, self.seq_length = prefix, seq_length
-        self._ids, self._labels = _open([f"{prefix}_packed_input_ids_document",
-                                         f"{prefix}_packed_labels_document"], prefix)
+        meta = read_meta(prefix, required=False)
+        self.packed = bool(meta and meta.get("pack"))
+        names = ["input_ids", "labels"] + (["attention_mask"] if self.packed else [])
+        sets = _open([f"{prefix}_packed_{n}_document" for n in names], prefix)
+        self._ids, self._labels = sets[0], sets[1]
+        self._segments = sets[2] if self.packed else None
 
     def __len__(self) -> int:
         return self._ids.num_documents
@@ -66,7 +75,10 @@ class InstructionDataset(Dataset):
             raise IndexError(f"sample {i} out of range for {len(self)} samples in {self.prefix}")
         ids = _long(self._ids.document(i), self.seq_length)
         labels = _long(self._labels.document(i), self.seq_length)
-        return {"input_ids": ids, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).float()}
+        item = {"input_ids": ids, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).float()}
+        if self._segments is not None:
+            item["segment_ids"] = _long(self._segments.document(i), self.seq_length)
+        return item
 
 
 class PairwiseDataset(Dataset):
@@ -99,7 +111,9 @@ def collate(samples: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_mult
 
     Returns:
         ``input_ids`` [B, L] long, ``labels`` [B, L] long (-100 on padding), ``loss_mask``
-        [B, L] float (1 where label != -100), ``attention_mask`` [B, L] bool (True on tokens).
+        [B, L] float (1 where label != -100), ``attention_mask`` [B, L] bool (True on tokens);
+        when any sample is a packed row, ``segment_ids`` [B, L] long: the row's sample numbers,
+        1 for every token of an unpacked sample, 0 on padding (padding is its own segment).
     """
     if not samples:
         raise ValueError("collate: empty batch")
@@ -114,13 +128,20 @@ def collate(samples: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_mult
     input_ids = torch.full((batch, length), int(pad_id), dtype=torch.long)
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((batch, length), dtype=torch.bool)
+    packed = any("segment_ids" in s for s in samples)
+    segments = torch.zeros((batch, length), dtype=torch.long) if packed else None
     for row, s in enumerate(samples):
         n = min(len(s["input_ids"]), length)
         input_ids[row, :n] = s["input_ids"][:n]
         labels[row, :n] = s["labels"][:n]
         attention[row, :n] = True
-    return {"input_ids": input_ids, "labels": labels,
-            "loss_mask": (labels != IGNORE_INDEX).float(), "attention_mask": attention}
+        if segments is not None:
+            segments[row, :n] = s["segment_ids"][:n] if "segment_ids" in s else 1
+    out = {"input_ids": input_ids, "labels": labels,
+           "loss_mask": (labels != IGNORE_INDEX).float(), "attention_mask": attention}
+    if segments is not None:
+        out["segment_ids"] = segments
+    return out
 
 
 def parse_data_path(data_path: str | Sequence[str]) -> list[tuple[float, str]]:

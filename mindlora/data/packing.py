@@ -7,8 +7,9 @@ fits first) into rows of at most ``seq_length`` tokens.
 
 In a packed row the first label of every sample is -100, so no sample learns to predict the next
 one's first token; ``attention_mask`` holds the sample number (1, 2, ...) of each token, the
-segment information MindSpeed calls neat packing. Attention itself stays causal over the whole
-row unless the trainer builds a per-segment mask from those numbers.
+segment information MindSpeed calls neat packing. Training reads them back as ``segment_ids``
+(the sidecar's ``"pack": true`` says to): positions restart at every sample and attention is
+block-diagonal causal, so a packed row trains on exactly its samples' unpacked objective.
 """
 from __future__ import annotations
 

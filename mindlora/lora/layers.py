@@ -17,6 +17,10 @@ Sharding (docs/lora.md has the diagram; ``mindlora.models.sharding`` has the tab
 
 LoRA factors are kept in float32 whatever the base dtype, and cast to the activation dtype in the
 forward: the optimizer then steps float32 weights directly (no master copies to keep).
+
+For megatron-core's distributed checkpointing, :meth:`LoRAMixin.sharded_state_dict` reports each
+factor with the axis the sharding table gives it (the inherited method knows only
+``weight``/``bias`` and would mark a TP-sharded factor as replicated).
 """
 from __future__ import annotations
 
@@ -33,9 +37,12 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from mindlora.config import LoRAConfig
 from mindlora.lora import fused
+from mindlora.models.sharding import shard, split_rule
 
 
 class LoRAMixin:
@@ -77,6 +84,35 @@ class LoRAMixin:
     def _delta_weight(self) -> torch.Tensor:
         """``s * B @ A`` for this rank's shard, in float32."""
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """megatron-core's sharded state dict of the base layer, plus the LoRA factors with the
+        TP axis ``mindlora.models.sharding`` gives them: column base -> A replicated, B split on
+        dim 0 (gate/up halves of a gated ``linear_fc1`` split separately, as megatron-core does
+        for the base weight); row base -> A split on dim 1, B replicated.
+
+        Args:
+            prefix: this module's key prefix, e.g. ``decoder.layers.0.mlp.linear_fc1.``.
+            sharded_offsets: offsets already applied by the parents (the layer axis).
+            metadata: megatron-core's sharded-state-dict metadata (``dp_cp_group``, ...).
+        """
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        factors = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        gated = self.config.gated_linear_unit
+        rules = {k: split_rule(prefix + k, gated_fc1=gated) for k in factors}
+        lora = make_sharded_tensors_for_checkpoint(
+            factors, prefix, {k: r.dim for k, r in rules.items() if r.dim is not None},
+            sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        for k, rule in rules.items():
+            if rule.parts > 1:
+                if (rule.dim, rule.parts) != (0, 2):
+                    raise ValueError(f"{prefix}{k}: no sharded-checkpoint factory for {rule}")
+                lora[prefix + k] = apply_swiglu_sharded_factory(
+                    lora[prefix + k], sharded_offsets,
+                    (metadata or {}).get("singleton_local_shards", False))
+        sharded.update(lora)
+        return sharded
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -175,8 +211,6 @@ def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank:
     """Initialise A from the FULL matrix drawn by a generator seeded per (layer, target), then
     keep this rank's slice; B = 0. The result is therefore independent of the TP size.
     """
-    from mindlora.models.sharding import shard, split_rule
-
     lora = layer.lora_config
     full_in = layer.lora_A.weight.shape[1] * (tp_size if isinstance(layer, RowParallelLinear) else 1)
     gen = torch.Generator().manual_seed(lora.seed * 100003 + layer_number * 31 + _TARGET_IDS[target])

@@ -4,6 +4,12 @@ megatron-core's local ``DotProductAttention`` materialises the ``[b, heads, s, s
 causal mask built with ``device="cuda"``; SDPA uses the fused (flash) kernel on CPU and GPU alike,
 handles grouped-query heads without repeating K/V, and needs no mask for the causal case. Same
 constructor and ``forward`` contract as megatron-core's class, so it drops into the layer spec.
+
+Packed rows (several samples in one row) pass the block-diagonal causal mask of
+:func:`packed_attention_mask`; SDPA then runs its masked kernel (math/flash on CPU, the
+memory-efficient one on CUDA). megatron-core's ``PackedSeqParams`` / ``cu_seqlens`` varlen path
+needs Transformer Engine's attention in the thd layout, which this module replaces, so it is not
+taken: CUDA and CPU run the same mask path.
 """
 from __future__ import annotations
 
@@ -17,6 +23,24 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask of packed rows, megatron's convention (True = masked).
+
+    Token ``q`` may attend to token ``k`` iff ``k <= q`` and both carry the same segment id, so
+    each sample of a row sees only its own earlier tokens, exactly as it would alone.
+
+    Args:
+        segment_ids: ``[b, s]`` sample number of each token (padding is its own segment).
+
+    Returns:
+        ``[b, 1, s, s]`` bool on ``segment_ids``' device.
+    """
+    s = segment_ids.shape[1]
+    future = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).triu(1)
+    other = segment_ids[:, :, None] != segment_ids[:, None, :]
+    return (other | future).unsqueeze(1)
 
 
 class SDPAttention(MegatronModule):

@@ -50,7 +50,8 @@ def _loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                      segment_ids=batch.get("segment_ids"))
     return per_token, partial(_loss_func, batch["loss_mask"])
 
 

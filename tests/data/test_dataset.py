@@ -118,3 +118,20 @@ def test_tokenizer_mismatch_is_refused(built, hf_tok, tmp_path):
     assert read_meta(str(tmp_path / "elsewhere"), required=False) is None
     check_tokenizer(str(tmp_path / "elsewhere"), 5)  # data without sidecar is accepted
     np.testing.assert_equal(meta["summary"]["written"], 30)
+
+
+def test_packed_rows_carry_segment_ids(built, hf_dir, tmp_path):
+    packed, _ = preprocess(tmp_path, alpaca_records(30), hf_dir, name="packed", pack=True,
+                           seq_length=512)
+    rows, plain = InstructionDataset(packed, 512), InstructionDataset(built, 4096)
+    assert rows.packed and not plain.packed and "segment_ids" not in plain[0]
+    seg = rows[0]["segment_ids"]
+    assert seg.shape == rows[0]["input_ids"].shape and seg[0] == 1 and seg.max() > 1
+    assert (seg.diff() >= 0).all(), "segment ids rise along the row"
+    assert sum(int(rows[i]["segment_ids"].max()) for i in range(len(rows))) == len(plain)
+    # A batch mixing a packed row and an unpacked sample: the sample is segment 1, padding 0.
+    b = collate([rows[0], plain[0]], pad_id=0, pad_to_multiple_of=8)
+    n0, n1 = len(seg), len(plain[0]["input_ids"])
+    assert torch.equal(b["segment_ids"][0, :n0], seg) and (b["segment_ids"][0, n0:] == 0).all()
+    assert (b["segment_ids"][1, :n1] == 1).all() and (b["segment_ids"][1, n1:] == 0).all()
+    assert "segment_ids" not in collate([plain[0], plain[1]], pad_id=0)

@@ -83,11 +83,12 @@ def write_instruction_data(prefix: str, n: int = 64, vocab: int = 256, seed: int
     return prefix
 
 
-def preprocess_alpaca(root: str, n: int = 96, seed: int = 0) -> tuple[str, int]:
+def preprocess_alpaca(root: str, n: int = 96, seed: int = 0, **options) -> tuple[str, int]:
     """Alpaca records -> ``tools/preprocess_data.py``'s pipeline (qwen template, toy BPE).
 
     Returns (data prefix, tokenizer vocabulary size). Real preprocessed data: chat template,
-    prompt tokens masked, one sample per document.
+    prompt tokens masked, one sample per document (unless ``options`` — further
+    ``PreprocessConfig`` fields such as ``pack=True, seq_length=64`` — say otherwise).
     """
     import json
 
@@ -107,5 +108,5 @@ def preprocess_alpaca(root: str, n: int = 96, seed: int = 0) -> tuple[str, int]:
     prefix = os.path.join(root, "data", "alpaca")
     run_preprocess(PreprocessConfig(input=path, tokenizer_name_or_path=tok_dir,
                                     output_prefix=prefix, prompt_type="qwen",
-                                    log_interval=10 ** 9))
+                                    log_interval=10 ** 9, **options))
     return prefix, load_tokenizer(tok_dir).vocab_size
