@@ -50,6 +50,21 @@ class ModelConfig:
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
     tie_word_embeddings: bool = False
+    num_moe_experts: Optional[int] = None
+    """Routed experts per layer (mixture of experts); None = dense MLP."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Hidden size of one expert's MLP (HF ``moe_intermediate_size``)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (HF ``num_experts_per_tok``)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before top-k, weights not renormalised (HF ``norm_topk_prob``
+    false); False = softmax over the top-k logits, i.e. renormalised weights."""
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing loss weight (HF ``router_aux_loss_coef``)."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
 
     def __post_init__(self) -> None:
         if self.kv_channels is None:
@@ -62,6 +77,13 @@ class ModelConfig:
         if self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups:
             errors.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                           f"of num_query_groups ({self.num_query_groups})")
+        if self.num_moe_experts is not None:
+            if self.num_moe_experts < 1 or not self.moe_ffn_hidden_size:
+                errors.append(f"num_moe_experts ({self.num_moe_experts}) and moe_ffn_hidden_size "
+                              f"({self.moe_ffn_hidden_size}) must be positive")
+            elif not 1 <= self.moe_router_topk <= self.num_moe_experts:
+                errors.append(f"moe_router_topk ({self.moe_router_topk}) must be in 1.."
+                              f"{self.num_moe_experts}")
         if self.rope_scaling and self.rope_scaling.get("rope_type",
                                                        self.rope_scaling.get("type")) != "llama3":
             errors.append(f"rope_scaling ({self.rope_scaling}) is not supported; only llama3")
@@ -149,6 +171,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     num_layer_list: Optional[list[int]] = field(default=None)
     """Uneven pipeline split: layers per pipeline stage (``--num-layer-list 10,12,8``)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallelism (``--expert-model-parallel-size``): the routed experts of every MoE
+    layer are split across this many ranks; experts are tensor-parallel like the dense MLP
+    (megatron-core's default ``expert_tensor_parallel_size`` = TP)."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -157,6 +183,9 @@ class ParallelConfig:
             errors.append(f"--tensor-model-parallel-size ({tp}) must be >= 1")
         if pp < 1:
             errors.append(f"--pipeline-model-parallel-size ({pp}) must be >= 1")
+        if self.expert_model_parallel_size < 1:
+            errors.append(f"--expert-model-parallel-size ({self.expert_model_parallel_size}) "
+                          f"must be >= 1")
         if self.sequence_parallel and tp == 1:
             self.sequence_parallel = False  # Megatron does the same: SP needs TP > 1.
         vpp = self.virtual_pipeline_model_parallel_size
@@ -183,7 +212,17 @@ class ParallelConfig:
         if model.num_query_groups % tp:
             errors.append(f"num_query_groups ({model.num_query_groups}) must be a multiple of "
                           f"--tensor-model-parallel-size ({tp})")
-        if model.ffn_hidden_size % tp:
+        ep = self.expert_model_parallel_size
+        if ep > 1 and not model.is_moe:
+            errors.append(f"--expert-model-parallel-size ({ep}) needs a mixture-of-experts "
+                          f"model; {model.family} is dense")
+        if model.is_moe and model.num_moe_experts % ep:
+            errors.append(f"num_moe_experts ({model.num_moe_experts}) must be a multiple of "
+                          f"--expert-model-parallel-size ({ep})")
+        if model.is_moe and model.moe_ffn_hidden_size % tp:
+            errors.append(f"moe_ffn_hidden_size ({model.moe_ffn_hidden_size}) must be a multiple "
+                          f"of --tensor-model-parallel-size ({tp})")
+        if model.ffn_hidden_size % tp and not model.is_moe:
             errors.append(f"ffn_hidden_size ({model.ffn_hidden_size}) must be a multiple of "
                           f"--tensor-model-parallel-size ({tp})")
         if self.num_layer_list is not None:

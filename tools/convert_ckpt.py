@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    help="model family (required for --load-model-type hf)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--target-expert-parallel-size", type=int, default=1,
+                   help="mixture-of-experts models: split the routed experts over this many ranks")
     p.add_argument("--num-layer-list", type=_layer_list, default=None,
                    help="uneven pipeline split, layers per stage, e.g. 10,12,8")
     p.add_argument("--lora-load", help="mindlora adapter checkpoint to merge or export")
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         load_dir=args.load_dir, save_dir=args.save_dir, model_type_hf=args.model_type_hf,
         target_tensor_parallel_size=args.target_tensor_parallel_size,
         target_pipeline_parallel_size=args.target_pipeline_parallel_size,
+        target_expert_parallel_size=args.target_expert_parallel_size,
         num_layer_list=args.num_layer_list, lora_load=args.lora_load, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules,
         save_lora_to_hf=args.save_lora_to_hf, load_lora_from_hf=args.load_lora_from_hf,

@@ -43,6 +43,7 @@ class ConvertOptions:
     model_type_hf: Optional[str] = None
     target_tensor_parallel_size: int = 1
     target_pipeline_parallel_size: int = 1
+    target_expert_parallel_size: int = 1
     num_layer_list: Optional[list[int]] = None
     lora_load: Optional[str] = None
     lora_r: Optional[int] = None
@@ -206,18 +207,23 @@ def _target_layout(opts: ConvertOptions, cfg: ModelConfig) -> None:
     try:
         ParallelConfig(tensor_model_parallel_size=opts.target_tensor_parallel_size,
                        pipeline_model_parallel_size=opts.target_pipeline_parallel_size,
-                       num_layer_list=opts.num_layer_list).check_model(cfg)
+                       num_layer_list=opts.num_layer_list,
+                       expert_model_parallel_size=opts.target_expert_parallel_size
+                       ).check_model(cfg)
     except ValueError as e:
         raise ValueError(str(e).replace("--tensor-model-parallel-size",
                                         "--target-tensor-parallel-size")
                          .replace("--pipeline-model-parallel-size",
-                                  "--target-pipeline-parallel-size")) from None
+                                  "--target-pipeline-parallel-size")
+                         .replace("--expert-model-parallel-size",
+                                  "--target-expert-parallel-size")) from None
 
 
 def _mg_writer(root: str, kind: str, cfg: ModelConfig, opts: ConvertOptions,
                dtype: torch.dtype, lora: Optional[LoRAConfig]) -> MegatronWriter:
     return MegatronWriter(root, kind, cfg, opts.target_tensor_parallel_size,
-                          opts.target_pipeline_parallel_size, opts.num_layer_list, dtype, lora)
+                          opts.target_pipeline_parallel_size, opts.num_layer_list, dtype, lora,
+                          ep=opts.target_expert_parallel_size)
 
 
 def _hf_assets(base: Any) -> tuple[Optional[dict], Optional[str]]:

@@ -47,16 +47,19 @@ def iteration_dir_name(iteration: Iteration) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    """``mp_rank_TT`` without pipeline parallelism, ``mp_rank_TT_PPP`` with it (as Megatron)."""
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
+                  ep_size: int = 1) -> str:
+    """``mp_rank_TT`` without pipeline parallelism, ``mp_rank_TT_PPP`` with it, plus ``_EEE``
+    with expert parallelism (as Megatron)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
 def rank_file_path(root: str, iteration: Iteration, tp_rank: int, pp_rank: int,
-                   pp_size: int) -> str:
+                   pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
     """Path of one rank's ``model_optim_rng.pt``."""
     return os.path.join(root, iteration_dir_name(iteration),
-                        rank_dir_name(tp_rank, pp_rank, pp_size), RANK_FILE)
+                        rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size), RANK_FILE)
 
 
 def chunk_keys(vpp: Optional[int]) -> list[str]:
@@ -94,7 +97,8 @@ def read_tracker(root: str) -> Iteration:
 def build_meta(kind: str, model_config: ModelConfig, tp: int, pp: int, vpp: Optional[int],
                layer_ids: dict[str, list[int]], padded_vocab_size: int,
                params_dtype: torch.dtype, lora_config: Optional[LoRAConfig] = None,
-               tp_rank: Optional[int] = None, pp_rank: Optional[int] = None) -> dict[str, Any]:
+               tp_rank: Optional[int] = None, pp_rank: Optional[int] = None,
+               ep: int = 1, ep_rank: int = 0) -> dict[str, Any]:
     """The ``mindlora`` metadata of one rank file (plain types only).
 
     Args:
@@ -113,6 +117,7 @@ def build_meta(kind: str, model_config: ModelConfig, tp: int, pp: int, vpp: Opti
         "tp": tp, "pp": pp, "vpp": vpp, "tp_rank": tp_rank, "pp_rank": pp_rank,
         "layer_ids": {k: [int(i) for i in v] for k, v in layer_ids.items()},
         "padded_vocab_size": padded_vocab_size, "params_dtype": dtype_name(params_dtype),
+        **({"ep": ep, "ep_rank": ep_rank} if ep > 1 else {}),
     }
 
 
@@ -179,12 +184,20 @@ def load_rank_file(path: str, mmap: bool = True) -> dict[str, Any]:
 
 def find_pp_size(root: str, iteration: Iteration) -> int:
     """Pipeline size of a checkpoint: 1 if ``mp_rank_00`` exists, else what its metadata says."""
+    return first_rank_file(root, iteration)[1]
+
+
+def first_rank_file(root: str, iteration: Iteration) -> tuple[str, int, int]:
+    """(path, pp, ep) of the TP0/PP0/EP0 rank file: ``mp_rank_00``, ``mp_rank_00_000`` (PP or EP)
+    or ``mp_rank_00_000_000`` (PP and EP); the metadata tells PP from EP in the middle case."""
     base = os.path.join(root, iteration_dir_name(iteration))
     if os.path.isfile(os.path.join(base, rank_dir_name(0, 0, 1), RANK_FILE)):
-        return 1
-    path = os.path.join(base, rank_dir_name(0, 0, 2), RANK_FILE)
-    if os.path.isfile(path):
-        return int(validate_meta(load_rank_file(path).get("mindlora"), path)["pp"])
+        return os.path.join(base, rank_dir_name(0, 0, 1), RANK_FILE), 1, 1
+    for pp, ep in ((2, 1), (2, 2)):
+        path = os.path.join(base, rank_dir_name(0, 0, pp, 0, ep), RANK_FILE)
+        if os.path.isfile(path):
+            meta = validate_meta(load_rank_file(path).get("mindlora"), path)
+            return path, int(meta["pp"]), int(meta.get("ep", 1))
     raise FileNotFoundError(f"missing checkpoint file {os.path.join(base, 'mp_rank_00', RANK_FILE)}"
                             f" (nor mp_rank_00_000): {root} holds no "
                             f"{iteration_dir_name(iteration)}")
@@ -199,15 +212,15 @@ def read_meta(load_dir: str, iteration: Optional[Iteration] = None
     """
     if iteration is None:
         iteration = read_tracker(load_dir)
-    pp = find_pp_size(load_dir, iteration)
-    path = rank_file_path(load_dir, iteration, 0, 0, pp)
-    return iteration, validate_meta(load_rank_file(path).get("mindlora"), path)
+    path = first_rank_file(load_dir, iteration)[0]
+    meta = validate_meta(load_rank_file(path).get("mindlora"), path)
+    return iteration, meta
 
 
 def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[int],
                      pre_process: bool, post_process: bool, tie_word_embeddings: bool,
-                     padded_vocab_size: int, iteration: Optional[Iteration] = None
-                     ) -> dict[str, torch.Tensor]:
+                     padded_vocab_size: int, iteration: Optional[Iteration] = None,
+                     ep_size: int = 1, ep_rank: int = 0) -> dict[str, torch.Tensor]:
     """State dict of one model chunk in the *target* layout, from a checkpoint of any layout.
 
     Reads only the source rank files that hold ``layer_ids`` (memory-mapped), gathers each tensor
@@ -222,8 +235,11 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
         tie_word_embeddings: the model ties the output layer to the embedding; a last stage
             without the embedding then gets ``output_layer.weight`` as a copy of it.
         padded_vocab_size: vocabulary rows of the target model (all TP ranks together).
+        ep_size, ep_rank: the target expert-parallel layout: only this rank's routed experts
+            are returned, renumbered from 0 (mixture-of-experts models).
     """
     from mindlora.checkpoint.reshard import MegatronReader, shard_tensor
+    from mindlora.models.sharding import expert_owner
 
     reader = MegatronReader(load_dir, iteration)
     if reader.model_config.tie_word_embeddings != tie_word_embeddings:
@@ -233,7 +249,9 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
     out: dict[str, torch.Tensor] = {}
     for j, layer_id in enumerate(layer_ids):
         for key, full in reader.full_layer(layer_id).items():
-            out[f"decoder.layers.{j}.{key}"] = shard_tensor(key, full, tp_size, tp_rank)
+            owner, key = expert_owner(key, reader.model_config.num_moe_experts or 0, ep_size)
+            if owner in (-1, ep_rank):
+                out[f"decoder.layers.{j}.{key}"] = shard_tensor(key, full, tp_size, tp_rank)
     if reader.kind != "base":
         return out
     wanted = []

@@ -18,7 +18,8 @@ import torch
 from mindlora.checkpoint import megatron_format as mf
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.config import LoRAConfig, ModelConfig
-from mindlora.models.sharding import gather, pad_vocab, shard, split_rule
+from mindlora.models.sharding import (expert_global_key, expert_owner, gather, pad_vocab,
+                                      shard, split_rule)
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 GLOBAL_KEYS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
@@ -67,13 +68,16 @@ class MegatronReader:
         lora = self.meta.get("lora_config")
         self.lora_config: Optional[LoRAConfig] = LoRAConfig.from_dict(lora) if lora else None
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
+        self.ep = int(self.meta.get("ep", 1))
         self.params_dtype = mf.dtype_from_name(self.meta["params_dtype"])
         self._where: dict[int, tuple[int, str, int]] = {}
         for pp_rank in range(self.pp):
-            metas = [self._check_file(tp_rank, pp_rank) for tp_rank in range(self.tp)]
+            metas = [self._check_file(tp_rank, pp_rank, ep_rank) for ep_rank in range(self.ep)
+                     for tp_rank in range(self.tp)]
             for tp_rank, meta in enumerate(metas):
                 if meta["layer_ids"] != metas[0]["layer_ids"]:
-                    raise ValueError(f"{self.path(tp_rank, pp_rank)}: layer_ids differ from "
+                    raise ValueError(f"{self.path(tp_rank % self.tp, pp_rank, tp_rank // self.tp)}"
+                                     f": layer_ids differ from "
                                      f"{self.path(0, pp_rank)}")
             for chunk, ids in metas[0]["layer_ids"].items():
                 for local, layer_id in enumerate(ids):
@@ -84,11 +88,12 @@ class MegatronReader:
         if missing:
             raise ValueError(f"{root}: the rank files hold no layer(s) {missing}")
 
-    def path(self, tp_rank: int, pp_rank: int) -> str:
-        return mf.rank_file_path(self.root, self.iteration, tp_rank, pp_rank, self.pp)
+    def path(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+        return mf.rank_file_path(self.root, self.iteration, tp_rank, pp_rank, self.pp, ep_rank,
+                                 self.ep)
 
-    def _check_file(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
-        path = self.path(tp_rank, pp_rank)
+    def _check_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
+        path = self.path(tp_rank, pp_rank, ep_rank)
         meta = mf.validate_meta(mf.load_rank_file(path).get("mindlora"), path)
         for field in ("kind", "tp", "pp", "model_config"):
             if meta[field] != self.meta[field]:
@@ -96,9 +101,9 @@ class MegatronReader:
                                  f"files' {self.meta[field]!r}")
         return meta
 
-    def _stage(self, pp_rank: int) -> list[dict[str, Any]]:
+    def _stage(self, pp_rank: int, ep_rank: int = 0) -> list[dict[str, Any]]:
         """Every TP rank's payload of one stage (memory-mapped; dropped by the caller)."""
-        return [mf.load_rank_file(self.path(t, pp_rank)) for t in range(self.tp)]
+        return [mf.load_rank_file(self.path(t, pp_rank, ep_rank)) for t in range(self.tp)]
 
     def full_layer(self, layer_id: int, meta: bool = False) -> dict[str, torch.Tensor]:
         """Full tensors of global layer ``layer_id``, keyed relative to ``decoder.layers.{i}.``.
@@ -109,16 +114,21 @@ class MegatronReader:
         if layer_id not in self._where:
             raise KeyError(f"{self.root}: no layer {layer_id}")
         pp_rank, chunk, local = self._where[layer_id]
-        payloads = self._stage(pp_rank)
         prefix = f"decoder.layers.{local}."
+        n_local = (self.model_config.num_moe_experts or 0) // self.ep
         out = {}
-        for key in payloads[0][chunk]:
-            if not key.startswith(prefix) or key.endswith("_extra_state"):
-                continue
-            shards = [p[chunk][key] for p in payloads]
-            if meta:
-                shards = [s.to("meta") for s in shards]
-            out[key[len(prefix):]] = gather(shards, split_rule(key))
+        for ep_rank in range(self.ep):
+            payloads = self._stage(pp_rank, ep_rank)
+            for key in payloads[0][chunk]:
+                if not key.startswith(prefix) or key.endswith("_extra_state"):
+                    continue
+                name = expert_global_key(key[len(prefix):], ep_rank, n_local)
+                if ep_rank and name == key[len(prefix):]:
+                    continue  # non-expert tensors: every EP rank holds the same copy
+                shards = [p[chunk][key] for p in payloads]
+                if meta:
+                    shards = [s.to("meta") for s in shards]
+                out[name] = gather(shards, split_rule(key))
         return out
 
     def global_keys(self) -> list[str]:
@@ -160,14 +170,15 @@ class MegatronWriter:
 
     def __init__(self, root: str, kind: str, model_config: ModelConfig, tp: int, pp: int,
                  num_layer_list: Optional[list[int]], params_dtype: torch.dtype,
-                 lora_config: Optional[LoRAConfig] = None, iteration: mf.Iteration = 1) -> None:
+                 lora_config: Optional[LoRAConfig] = None, iteration: mf.Iteration = 1,
+                 ep: int = 1) -> None:
         self.root, self.kind, self.cfg = root, kind, model_config
-        self.tp, self.pp, self.iteration = tp, pp, iteration
+        self.tp, self.pp, self.ep, self.iteration = tp, pp, ep, iteration
         self.stages = stage_layer_ids(model_config.num_layers, pp, num_layer_list)
         self.stage_of = {i: (p, j) for p, ids in enumerate(self.stages) for j, i in enumerate(ids)}
         self.padded_vocab = pad_vocab(model_config.vocab_size, tp)
         self.params_dtype, self.lora_config = params_dtype, lora_config
-        self.files: dict[tuple[int, int], StreamingRankFile] = {}
+        self.files: dict[tuple[int, int, int], StreamingRankFile] = {}
 
     def _global_targets(self, key: str) -> list[tuple[int, str]]:
         """(pp rank, key written) for a global tensor; a tied head is copied to the last stage."""
@@ -196,32 +207,50 @@ class MegatronWriter:
         if embedding in globals_ and self.cfg.tie_word_embeddings and self.pp > 1:
             last.append(("output_layer.weight", globals_[embedding]))  # see _global_targets
         for p in range(self.pp):
-            for t in range(self.tp):
-                state = {k: shard_tensor(k, v, self.tp, t, self.padded_vocab)
-                         for k, v in entries[p]}
-                meta = mf.build_meta(self.kind, self.cfg, self.tp, self.pp, None,
-                                     {"model": self.stages[p]}, self.padded_vocab,
-                                     self.params_dtype, self.lora_config, tp_rank=t, pp_rank=p)
-                skeleton = {"model": state, "checkpoint_version": mf.CHECKPOINT_VERSION,
-                            "iteration": 0 if self.iteration == "release" else self.iteration,
-                            "mindlora": meta}
-                path = mf.rank_file_path(self.root, self.iteration, t, p, self.pp)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                self.files[p, t] = StreamingRankFile(path, skeleton)
+            for e in range(self.ep):
+                for t in range(self.tp):
+                    self._plan_file(p, t, e, self._ep_local(entries[p], e))
+
+    def _ep_local(self, entries: list[tuple[str, torch.Tensor]], ep_rank: int
+                  ) -> list[tuple[str, torch.Tensor]]:
+        """The entries EP rank ``ep_rank`` holds: shared tensors and its experts (renumbered)."""
+        if self.ep == 1:
+            return entries
+        out = []
+        for key, value in entries:
+            owner, local = expert_owner(key, self.cfg.num_moe_experts, self.ep)
+            if owner in (-1, ep_rank):
+                out.append((local, value))
+        return out
+
+    def _plan_file(self, p: int, t: int, e: int, entries: list[tuple[str, torch.Tensor]]
+                   ) -> None:
+        state = {k: shard_tensor(k, v, self.tp, t, self.padded_vocab) for k, v in entries}
+        meta = mf.build_meta(self.kind, self.cfg, self.tp, self.pp, None,
+                             {"model": self.stages[p]}, self.padded_vocab, self.params_dtype,
+                             self.lora_config, tp_rank=t, pp_rank=p, ep=self.ep, ep_rank=e)
+        skeleton = {"model": state, "checkpoint_version": mf.CHECKPOINT_VERSION,
+                    "iteration": 0 if self.iteration == "release" else self.iteration,
+                    "mindlora": meta}
+        path = mf.rank_file_path(self.root, self.iteration, t, p, self.pp, e, self.ep)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.files[p, t, e] = StreamingRankFile(path, skeleton)
 
     def write_global(self, key: str, full: torch.Tensor) -> None:
         for p, k in self._global_targets(key):
-            for t in range(self.tp):
-                self.files[p, t].write({("model", k): shard_tensor(k, full, self.tp, t,
-                                                                   self.padded_vocab)})
+            for e in range(self.ep):
+                for t in range(self.tp):
+                    self.files[p, t, e].write({("model", k): shard_tensor(
+                        k, full, self.tp, t, self.padded_vocab)})
 
     def write_layer(self, layer_id: int, full: dict[str, torch.Tensor]) -> None:
         """Write one layer, one shard at a time (memory: the layer plus one shard)."""
         p, j = self.stage_of[layer_id]
-        for key, value in full.items():
-            for t in range(self.tp):
-                self.files[p, t].write({("model", f"decoder.layers.{j}.{key}"):
-                                        shard_tensor(key, value, self.tp, t)})
+        for e in range(self.ep):
+            for key, value in self._ep_local(list(full.items()), e):
+                for t in range(self.tp):
+                    self.files[p, t, e].write({("model", f"decoder.layers.{j}.{key}"):
+                                               shard_tensor(key, value, self.tp, t)})
 
     def finish(self) -> None:
         for f in self.files.values():

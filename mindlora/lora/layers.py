@@ -78,7 +78,10 @@ class LoRAMixin:
         (CCLoRA) or TP=1, where there is no collective to fold and the fused kernel (in-place
         accumulation, fast factor gradients) is simply the faster way to compute the same sum."""
         weight = self.weight if weight is None else weight
-        fuse = self.lora_config.fusion or self.tp_group is None or self.tp_group.size() == 1
+        tp1 = self.tp_group is None or self.tp_group.size() == 1
+        if getattr(self, "explicit_expert_comm", False) and not tp1:
+            return False  # routed experts: the dispatcher owns communication (_expert_forward)
+        fuse = self.lora_config.fusion or tp1
         return fuse and not self.merged and not weight.requires_grad
 
     def _delta_weight(self) -> torch.Tensor:
@@ -155,6 +158,8 @@ class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
         output, bias = super().forward(input_, weight, runtime_gather_output=False)
         if self.merged:
             return self._maybe_gather(output, runtime_gather_output), bias
+        if getattr(self, "explicit_expert_comm", False):
+            return self._expert_forward(input_, output, bias)
         a_weight = self.lora_A.weight
         if self.sequence_parallel:
             a_weight = copy_to_tensor_model_parallel_region(a_weight, group=self.tp_group)
@@ -165,6 +170,18 @@ class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
             z = copy_to_tensor_model_parallel_region(z, group=self.tp_group)
         output = output + self.scaling * _up(z, self.lora_B.weight)
         return self._maybe_gather(output, runtime_gather_output), bias
+
+    def _expert_forward(self, input_: torch.Tensor, output: torch.Tensor, bias):
+        """A routed expert (megatron-core's ``explicit_expert_comm``): the token dispatcher does
+        all communication, and each expert-TP rank returns a *partial* input gradient that the
+        dispatcher sums. So ``z = A x`` must not be all-reduced (that would count the LoRA input
+        gradient TP times); instead A's own gradient is summed over expert TP (identity-forward
+        wrapper on A), because each rank saw only its rows of B."""
+        a_weight = self.lora_A.weight
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            a_weight = copy_to_tensor_model_parallel_region(a_weight, group=self.tp_group)
+        z = _down(self._dropout(input_, sharded_input=False), a_weight)
+        return output + self.scaling * _up(z, self.lora_B.weight), bias
 
     def _maybe_gather(self, output: torch.Tensor, runtime_gather_output: Optional[bool]):
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -193,7 +210,9 @@ class LoRARowParallelLinear(LoRAMixin, RowParallelLinear):
             b_weight = copy_to_tensor_model_parallel_region(self.lora_B.weight, group=self.tp_group)
             z = _down(self._dropout(input_, sharded_input=True), self.lora_A.weight)
             output_parallel = output_parallel + self.scaling * _up(z, b_weight)
-        if self.sequence_parallel:
+        if getattr(self, "explicit_expert_comm", False):
+            output = output_parallel  # a routed expert: the dispatcher's combine reduces
+        elif self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(output_parallel,
                                                                 group=self.tp_group)
         else:
@@ -207,13 +226,18 @@ LORA_LAYER_TYPES = (LoRAColumnParallelLinear, LoRARowParallelLinear)
 
 
 def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank: int,
-                      tp_size: int) -> None:
+                      tp_size: int, expert: Optional[int] = None) -> None:
     """Initialise A from the FULL matrix drawn by a generator seeded per (layer, target), then
     keep this rank's slice; B = 0. The result is therefore independent of the TP size.
+    ``expert``: the global expert number of a routed expert's linear (each expert its own A,
+    independent of the expert-parallel size).
     """
     lora = layer.lora_config
     full_in = layer.lora_A.weight.shape[1] * (tp_size if isinstance(layer, RowParallelLinear) else 1)
-    gen = torch.Generator().manual_seed(lora.seed * 100003 + layer_number * 31 + _TARGET_IDS[target])
+    seed = lora.seed * 100003 + layer_number * 31 + _TARGET_IDS[target]
+    if expert is not None:
+        seed = seed * 1009 + 7 * (expert + 1)
+    gen = torch.Generator().manual_seed(seed)
     if lora.init_a == "kaiming":
         bound = 1.0 / math.sqrt(full_in)  # kaiming_uniform_(a=sqrt(5)), as HF PEFT does
         full = torch.empty(lora.r, full_in).uniform_(-bound, bound, generator=gen)

@@ -30,8 +30,10 @@ def _linear(target: str, row: bool, lora: Optional[LoRAConfig]):
     return ModuleSpec(module=cls, params={"lora_config": lora})
 
 
-def gpt_layer_spec(qk_layernorm: bool, lora: Optional[LoRAConfig] = None) -> ModuleSpec:
-    """A Llama/Qwen decoder layer (RMSNorm, RoPE attention, SwiGLU MLP) with LoRA on targets."""
+def gpt_layer_spec(qk_layernorm: bool, lora: Optional[LoRAConfig] = None,
+                   moe: bool = False) -> ModuleSpec:
+    """A Llama/Qwen decoder layer (RMSNorm, RoPE attention, SwiGLU MLP) with LoRA on targets;
+    ``moe``: megatron-core's routed-experts MLP instead (mindlora.models.moe)."""
     attention = ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -47,6 +49,10 @@ def gpt_layer_spec(qk_layernorm: bool, lora: Optional[LoRAConfig] = None) -> Mod
         linear_fc1=_linear("linear_fc1", False, lora),
         linear_fc2=_linear("linear_fc2", True, lora),
     ))
+    if moe:
+        from mindlora.models.moe import moe_mlp_spec
+
+        mlp = moe_mlp_spec(lora)
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=RMSNorm,
         self_attention=attention,

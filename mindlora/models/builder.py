@@ -18,8 +18,9 @@ from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.lora.layers import LORA_LAYER_TYPES, init_lora_factors
 from mindlora.lora.spec import gpt_layer_spec
 from mindlora.models.gpt import MindloraGPTModel
+from mindlora.models.moe import moe_config_fields
 from mindlora.models.norm import RMSNorm
-from mindlora.models.sharding import pad_vocab
+from mindlora.models.sharding import expert_index, pad_vocab
 from mindlora.runtime.device import current
 
 
@@ -117,6 +118,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
+        **moe_config_fields(model, parallel, not on_gpu),
     )
 
 
@@ -138,7 +140,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoR
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp = parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
-    spec = gpt_layer_spec(model.qk_layernorm, lora)
+    spec = gpt_layer_spec(model.qk_layernorm, lora, moe=model.is_moe)
     device = current().torch_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     chunks = []
     for v in range(vpp):
@@ -177,11 +179,16 @@ def _require_grad(module, inputs, output: torch.Tensor) -> torch.Tensor:
 
 
 def _init_lora(gpt: MindloraGPTModel, tp_rank: int, tp_size: int) -> None:
+    """A drawn per (layer, target[, global expert]) so it is independent of TP and EP."""
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     for layer in gpt.decoder.layers:
+        n_local = getattr(getattr(layer.mlp, "experts", None), "num_local_experts", 0)
         for name, module in layer.named_modules():
             if isinstance(module, LORA_LAYER_TYPES):
+                local = expert_index(name + ".weight")
+                expert = None if local is None else ep_rank * n_local + local
                 init_lora_factors(module, layer.layer_number, name.split(".")[-1], tp_rank,
-                                  tp_size)
+                                  tp_size, expert=expert)
                 module.lora_A.weight.requires_grad_(True)
                 module.lora_B.weight.requires_grad_(True)
 

@@ -46,6 +46,7 @@ _RULES: Sequence[tuple[str, Split]] = (
     (r"linear_(proj|fc2)\.weight$", Split(1)),
     (r"linear_(proj|fc2)\.bias$", REPLICATED),
     (r"(layernorm|layer_norm|final_layernorm)[^.]*\.(weight|bias)$", REPLICATED),
+    (r"mlp\.router\.(weight|bias)$", REPLICATED),
 )
 
 
@@ -88,6 +89,38 @@ def gather(shards: Sequence[torch.Tensor], rule: Split) -> torch.Tensor:
     per_rank = [s.chunk(rule.parts, dim=rule.dim) for s in shards]
     return torch.cat([torch.cat([p[i] for p in per_rank], dim=rule.dim)
                       for i in range(rule.parts)], dim=rule.dim)
+
+
+_EXPERT = re.compile(r"^(.*mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def expert_index(name: str) -> Optional[int]:
+    """The expert number in a routed-expert key (``...local_experts.{e}.linear_fc1.weight``)."""
+    m = _EXPERT.match(name)
+    return int(m.group(2)) if m else None
+
+
+def expert_owner(name: str, num_experts: int, ep_size: int) -> tuple[int, str]:
+    """(EP rank, rank-local key) of a key numbering its expert globally; other keys: (-1, key).
+
+    Expert parallelism splits the experts into ``ep_size`` contiguous blocks (megatron-core's
+    SequentialMLP: rank ``r`` holds experts ``r*E/EP .. (r+1)*E/EP - 1``, numbered from 0 there).
+    Tensor-parallel splitting of an expert follows :func:`split_rule` like the dense MLP.
+    """
+    m = _EXPERT.match(name)
+    if m is None:
+        return -1, name
+    per_rank = num_experts // ep_size
+    e = int(m.group(2))
+    return e // per_rank, f"{m.group(1)}{e % per_rank}{m.group(3)}"
+
+
+def expert_global_key(name: str, ep_rank: int, num_local: int) -> str:
+    """Inverse of :func:`expert_owner`: a rank-local expert key numbered globally."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return name
+    return f"{m.group(1)}{ep_rank * num_local + int(m.group(2))}{m.group(3)}"
 
 
 def pad_vocab(vocab_size: int, tp_size: int, divisible_by: int = 1) -> int:

@@ -71,12 +71,19 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
         raise ValueError(f"world size ({world}) must be a multiple of "
                          f"--tensor-model-parallel-size ({tp}) x "
                          f"--pipeline-model-parallel-size ({pp})")
+    ep = parallel.expert_model_parallel_size
+    if world % (tp * pp * ep):
+        raise ValueError(f"world size ({world}) must be a multiple of "
+                         f"--tensor-model-parallel-size ({tp}) x --pipeline-model-parallel-size "
+                         f"({pp}) x --expert-model-parallel-size ({ep}) (experts are "
+                         f"tensor-parallel like the dense layers)")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -10,7 +10,8 @@ from typing import Any
 
 from mindlora.models.families.base import Family, TensorMap
 
-_MODULES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_MODULES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3-moe": "qwen3_moe",
+            "mixtral": "mixtral"}
 
 __all__ = ["Family", "TensorMap", "family_names", "get_family", "family_for_hf_config"]
 
