@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
@@ -31,6 +32,29 @@ def _patch_router_gemm_without_te() -> None:
 
     if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+class PerTokenAuxLossRouter(TopKRouter):
+    """megatron-core's TopKRouter with the load-balancing loss weighted the same at every TP/SP.
+
+    With per-token loss (mindlora's, Megatron's ``--calculate-per-token-loss``) the router scales
+    its aux loss by the rank's token count, to cancel the division by the global labelled-token
+    count in the gradient finalisation. Under sequence parallelism a rank's aux loss is already
+    its *share* of the sequence's loss (local probabilities x sequence-wide expert counts), so
+    scaling it by the rank's *local* token count makes the effective coefficient 1/TP of the
+    TP=1 value, and training curves drift with the layout. The weight must be the tokens of the
+    whole reduce group (the sequence), which is what this override passes.
+    """
+
+    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
+                                           aux_loss_name, reduce_group,
+                                           reduce_group_has_dp=False, valid_token_count=None):
+        if (aux_loss_name == "load_balancing_loss" and valid_token_count is not None
+                and not reduce_group_has_dp and reduce_group is not None):
+            valid_token_count = valid_token_count * reduce_group.size()
+        return super().attach_and_log_load_balancing_loss(
+            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
 
 
 def _expert_linear(target: str, row: bool, lora: Optional[LoRAConfig]):
@@ -50,7 +74,8 @@ def moe_mlp_spec(lora: Optional[LoRAConfig] = None) -> ModuleSpec:
     experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
         linear_fc1=_expert_linear("linear_fc1", False, lora),
         linear_fc2=_expert_linear("linear_fc2", True, lora)))
-    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts),
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts,
+                                                                router=PerTokenAuxLossRouter),
                       metainfo={"fuse_pre_mlp_layernorm": False})
 
 

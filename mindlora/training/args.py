@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layer-list", type=str, default=None, help="e.g. 10,12,8")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="mixture-of-experts models: split the routed experts over this many ranks")
     g = p.add_argument_group("batch and schedule")
     for flag, typ in (("--micro-batch-size", int), ("--global-batch-size", int),
                       ("--seq-length", int), ("--train-iters", int), ("--lr", float),
@@ -146,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pad-to-multiple-of", type=int, default=None)
     g = p.add_argument_group("architecture checks (optional; the checkpoint is the source)")
     for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-                 "--num-query-groups", "--max-position-embeddings", "--padded-vocab-size"):
+                 "--num-query-groups", "--max-position-embeddings", "--padded-vocab-size",
+                 "--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size"):
         g.add_argument(flag, type=int, default=None)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None)
     return p
 
 
@@ -228,6 +232,7 @@ def _to_configs(ns: argparse.Namespace) -> RunConfig:
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
         pipeline_model_parallel_size=ns.pipeline_model_parallel_size,
         sequence_parallel=ns.sequence_parallel,
+        expert_model_parallel_size=ns.expert_model_parallel_size,
         num_layer_list=([int(x) for x in str(ns.num_layer_list).split(",")]
                         if ns.num_layer_list else None),
         virtual_pipeline_model_parallel_size=None,
@@ -236,6 +241,11 @@ def _to_configs(ns: argparse.Namespace) -> RunConfig:
                                         "num_attention_heads", "num_query_groups",
                                         "max_position_embeddings", "padded_vocab_size")
             if getattr(ns, k) is not None}
+    for flag, field in (("num_experts", "num_moe_experts"), ("moe_router_topk", "moe_router_topk"),
+                        ("moe_ffn_hidden_size", "moe_ffn_hidden_size"),
+                        ("moe_aux_loss_coeff", "moe_aux_loss_coeff")):
+        if getattr(ns, flag) is not None:
+            arch[field] = getattr(ns, flag)
     if ns.num_layers_per_virtual_pipeline_stage:
         arch["num_layers_per_virtual_pipeline_stage"] = ns.num_layers_per_virtual_pipeline_stage
     _validate(train, data, errors)

@@ -54,7 +54,9 @@ def _chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: Mo
         chunk_layer_ids(model, parallel, parallel_state.get_pipeline_model_parallel_rank(),
                         vp_stage),
         chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
-        padded_vocab_size(model, tp), iteration=iteration)
+        padded_vocab_size(model, tp), iteration=iteration,
+        ep_size=parallel.expert_model_parallel_size,
+        ep_rank=parallel_state.get_expert_model_parallel_rank())
 
 
 def _rng_state() -> dict:
@@ -85,20 +87,26 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
         shutil.rmtree(tmp_root, ignore_errors=True)
         os.makedirs(tmp_root, exist_ok=True)
     dist.barrier()
-    if parallel_state.get_data_parallel_rank() == 0:
+    ep = parallel.expert_model_parallel_size
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    # With EP, each EP rank writes its own experts: the writer is expert-data-parallel rank 0.
+    writer = (parallel_state.get_expert_data_parallel_rank() if ep > 1
+              else parallel_state.get_data_parallel_rank()) == 0
+    if writer:
         keys = fmt.chunk_keys(vpp)
         meta = fmt.build_meta(
             "adapter", model, parallel.tensor_model_parallel_size, pp, vpp,
             {k: chunk_layer_ids(model, parallel, pp_rank, v) for v, k in enumerate(keys)},
             padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
-            tp_rank=tp_rank, pp_rank=pp_rank)
+            tp_rank=tp_rank, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank)
         payload = {k: _lora_state(c) for k, c in zip(keys, chunks)}
         payload.update({
             "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": state.iteration,
             "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,
             "rng_state": _rng_state(), "train_state": vars(state).copy(),
         })
-        fmt.write_rank_file(os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp),
+        fmt.write_rank_file(os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp,
+                                                                      ep_rank, ep),
                                          fmt.RANK_FILE), payload)
     dist.barrier()
     final = os.path.join(save_dir, name)
@@ -150,7 +158,9 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     keys = fmt.chunk_keys(vpp)
-    same_layout = (meta["tp"], meta["pp"], meta.get("vpp")) == (tp, pp, vpp)
+    ep = parallel.expert_model_parallel_size
+    same_layout = ((meta["tp"], meta["pp"], meta.get("vpp"), meta.get("ep", 1))
+                   == (tp, pp, vpp, ep))
     if finetune:
         for v, chunk in enumerate(chunks):
             _load_lora_weights(chunk, _chunk_shard(lora_load, chunk, v, model, parallel,
@@ -163,7 +173,8 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
             f"(optimizer state included) needs the same TP x PP layout (data parallel may "
             f"differ). Use the saved layout, or add --finetune to start a new run from the "
             f"adapter weights, which are resharded to any layout.")
-    path = fmt.rank_file_path(lora_load, iteration, tp_rank, pp_rank, pp)
+    path = fmt.rank_file_path(lora_load, iteration, tp_rank, pp_rank, pp,
+                              parallel_state.get_expert_model_parallel_rank(), ep)
     payload = fmt.load_rank_file(path, mmap=False)
     for key, chunk in zip(keys, chunks):
         _load_lora_weights(chunk, payload[key], path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,14 @@ from mindlora.runtime.device import current
 
 def format_line(iteration: int, train_iters: int, consumed: int, ms_per_iter: float, lr: float,
                 global_batch: int, loss: float, loss_scale: float, grad_norm: float,
-                skipped: int, nan: int, tokens_per_s: float, peak_mb: float) -> str:
-    """The Megatron log line (plus tokens/s and peak memory at the end)."""
+                skipped: int, nan: int, tokens_per_s: float, peak_mb: float,
+                aux: Optional[dict[str, float]] = None) -> str:
+    """The Megatron log line (plus tokens/s and peak memory at the end); ``aux``: MoE losses
+    such as ``load_balancing_loss``, after the lm loss as Megatron prints them."""
+    extra = "".join(f" {k}: {v:.6E} |" for k, v in sorted((aux or {}).items()))
     return (f" iteration {iteration:8d}/{train_iters:8d} | consumed samples: {consumed} |"
             f" elapsed time per iteration (ms): {ms_per_iter:.1f} | learning rate: {lr:.6E} |"
-            f" global batch size: {global_batch:5d} | lm loss: {loss:.6E} |"
+            f" global batch size: {global_batch:5d} | lm loss: {loss:.6E} |{extra}"
             f" loss scale: {loss_scale:.1f} | grad norm: {grad_norm:.3f} |"
             f" number of skipped iterations: {skipped:3d} | number of nan iterations: {nan:3d} |"
             f" tokens/s: {tokens_per_s:.1f} | peak memory (MB): {peak_mb:.1f} |")
@@ -41,6 +44,7 @@ class MetricsLogger:
         self.is_writer = dist.get_rank() == 0
         self._last = time.perf_counter()
         self._iters, self._tokens = 0, 0
+        self._aux: dict[str, float] = {}
         self.writer = None
         if train_cfg.tensorboard_dir:
             try:
@@ -58,9 +62,13 @@ class MetricsLogger:
         self._tokens += int(t.item())
 
     def step(self, state, lr: float, loss: float, grad_norm: float, loss_scale: float,
-             global_batch: int) -> None:
+             global_batch: int, aux: Optional[dict[str, float]] = None) -> None:
         self._iters += 1
         it = state.iteration
+        for k, v in (aux or {}).items():
+            self._aux[k] = self._aux.get(k, 0.0) + v
+            if self.writer is not None:
+                self.writer.add_scalar(k, v, it)
         if self.writer is not None:
             for name, value in (("lm loss", loss), ("learning-rate", lr), ("grad-norm", grad_norm),
                                 ("loss-scale", loss_scale)):
@@ -76,10 +84,12 @@ class MetricsLogger:
         if self.is_writer:
             self.log(format_line(it, self.cfg.train_iters, state.consumed_samples, ms, lr,
                                  global_batch, loss, loss_scale, grad_norm,
-                                 state.skipped_iterations, state.nan_iterations, tps, peak))
+                                 state.skipped_iterations, state.nan_iterations, tps, peak,
+                                 {k: v / max(self._iters, 1) for k, v in self._aux.items()}))
             if self.writer is not None:
                 self.writer.add_scalar("tokens-per-second", tps, it)
         self._last, self._iters, self._tokens = now, 0, 0
+        self._aux = {}
 
     def validation(self, iteration: int, loss: float) -> None:
         if not self.is_writer:

@@ -20,13 +20,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
 from mindlora.models.builder import build_model, parameter_report, transformer_config
-from mindlora.runtime import init_distributed, init_parallel
+from mindlora.runtime import current, init_distributed, init_parallel
 from mindlora.training import checkpointing as ckpt
 from mindlora.training.args import RunConfig
 from mindlora.training.batches import BatchPlan, SampleOrder, micro_batches, pad_to_common_length
 from mindlora.training.batches import replicate
 from mindlora.training.data import TrainingData
 from mindlora.training.logging import MetricsLogger
+from mindlora.training.moe_metrics import pop_aux_losses
 from mindlora.training.optim import LossScaler, LRSchedule, clip_grads, finalize_grads
 from mindlora.training.optim import lora_parameters, make_optimizer
 from mindlora.training.samples import SampleAnswers
@@ -38,6 +39,8 @@ class TrainResult:
 
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    aux_losses: list[dict[str, float]] = field(default_factory=list)
+    """MoE only: per-iteration load-balancing loss (reported apart from the lm loss)."""
     state: Optional[ckpt.TrainState] = None
 
 
@@ -55,13 +58,17 @@ def _forward_step(data_iterator, model):
     return per_token, partial(_loss_func, batch["loss_mask"])
 
 
+_FLAG = {"num_moe_experts": "num_experts"}
+"""ModelConfig fields whose Megatron flag is spelled differently."""
+
+
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     """Model architecture from the base checkpoint; check optional architecture flags against it."""
     _, meta = fmt.read_meta(run.train.load)
     model = ModelConfig.from_dict(meta["model_config"])
     arch = dict(run.arch_overrides)
     vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)
-    wrong = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(model, k, None)})"
+    wrong = [f"--{_FLAG.get(k, k).replace('_', '-')} {v} (checkpoint: {getattr(model, k, None)})"
              for k, v in arch.items() if k != "padded_vocab_size" and getattr(model, k) != v]
     if wrong:
         raise ValueError(f"flags contradict the checkpoint in --load {run.train.load}: "
@@ -76,8 +83,19 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
         parallel = ParallelConfig(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=pp, sequence_parallel=parallel.sequence_parallel,
-            virtual_pipeline_model_parallel_size=model.num_layers // (pp * vstage))
+            virtual_pipeline_model_parallel_size=model.num_layers // (pp * vstage),
+            expert_model_parallel_size=parallel.expert_model_parallel_size)
     parallel.check_model(model)
+    if model.is_moe and parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+        raise ValueError(f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size} "
+                         f"with a mixture-of-experts model ({model.family}) needs "
+                         f"--sequence-parallel: without it every TP rank's copy of a token is "
+                         f"routed, and expert gradients would count each token TP times")
+    if (parallel.expert_model_parallel_size > 1 and not run.data.pad_to_seq_lengths
+            and current().is_cpu):
+        raise ValueError("--no-pad-to-seq-lengths with --expert-model-parallel-size > 1 on the "
+                         "CPU: the allgather token dispatcher needs every rank of an expert "
+                         "group to hold the same number of tokens; pad to --seq-length")
     return model, parallel
 
 
@@ -168,6 +186,7 @@ class Trainer:
         batches = self._batches(self.data.train, self.order, self.state.consumed_samples)
         self.metrics.count_tokens(batches)
         loss_sum, tokens = self._run_schedule(batches, forward_only=False)
+        self.last_aux = pop_aux_losses(len(batches), self.model_cfg.num_layers)
         if self.scaler.enabled:
             for _, p in self.params:
                 if p.grad is not None:
@@ -188,7 +207,7 @@ class Trainer:
         self.state.iteration = it
         self.state.consumed_samples += self.run.train.global_batch_size
         self.metrics.step(self.state, lr, loss, norm, self.scaler.scale,
-                          self.run.train.global_batch_size)
+                          self.run.train.global_batch_size, self.last_aux)
         if self._bad_streak >= self.run.train.max_nan_iterations:
             raise RuntimeError(f"stopping: {self._bad_streak} consecutive iterations had NaN/Inf "
                                f"loss or gradients (--max-nan-iterations "
@@ -227,6 +246,7 @@ class Trainer:
             loss, norm, _ = self.train_step()
             result.losses.append(loss)
             result.grad_norms.append(norm)
+            result.aux_losses.append(self.last_aux)
             it = self.state.iteration
             if t.eval_interval and it % t.eval_interval == 0:
                 if t.eval_iters:

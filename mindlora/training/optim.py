@@ -32,21 +32,35 @@ def finalize_grads(chunks: list[torch.nn.Module], num_tokens: Optional[torch.Ten
     ``num_tokens`` is the last pipeline stage's count for this rank's micro-batches; it is sent to
     every stage and summed over data parallel, as megatron-core's ``finalize_model_grads`` does.
     """
-    grads = [p.grad for c in chunks for p in c.parameters() if p.requires_grad and p.grad is not None]
-    dp_group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(dp_group) > 1 and grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=dp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    named = [(n, p.grad) for c in chunks for n, p in c.named_parameters()
+             if p.requires_grad and p.grad is not None]
+    grads = [g for _, g in named]
+    # A routed expert already saw the tokens of its whole expert-parallel group (the dispatcher
+    # gathered them), so its gradient is summed over the expert-data-parallel group only.
+    expert = [g for n, g in named if _EXPERT in n]
+    _sum_over([g for n, g in named if _EXPERT not in n],
+              parallel_state.get_data_parallel_group())
+    if expert:
+        _sum_over(expert, parallel_state.get_expert_data_parallel_group())
     if num_tokens is None:
         return
     total = global_token_count(num_tokens)
     scale = 1.0 / max(float(total), 1.0)
     for g in grads:
         g.mul_(scale)
+
+
+_EXPERT = ".local_experts."
+
+
+def _sum_over(grads: list[torch.Tensor], group) -> None:
+    if dist.get_world_size(group) > 1 and grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def global_token_count(num_tokens: torch.Tensor) -> torch.Tensor:
@@ -62,15 +76,20 @@ def global_token_count(num_tokens: torch.Tensor) -> torch.Tensor:
 def grad_norm_sq_and_finite(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[float, bool]:
     """Global squared gradient norm over TP x PP, counting TP-replicated factors once."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    total = torch.zeros(1, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64)  # [shared, routed experts]
     for name, p in params:
         if p.grad is None:
             continue
         if split_rule(name).dim is None and tp_rank != 0:
             continue
-        total += p.grad.double().pow(2).sum()
+        total[int(_EXPERT in name)] += p.grad.double().pow(2).sum()
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    value = float(total.item())
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        # each EP rank holds other experts; the shared part is the same on all of them
+        expert = total[1:].clone()
+        dist.all_reduce(expert, group=parallel_state.get_expert_model_parallel_group())
+        total[1] = expert[0]
+    value = float(total.sum().item())
     return value, math.isfinite(value)
 
 
