@@ -25,11 +25,11 @@ from mindlora.checkpoint.reshard import HF_ASSETS, MegatronReader, MegatronWrite
 from mindlora.checkpoint.safetensors_io import parse_size
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig, fail_if
 from mindlora.models.families import get_family
-from mindlora.models.families.base import TARGET_PATHS, target_shape
+from mindlora.models.families.base import target_module_paths, target_shape
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups", "kv_channels")
+                 "num_query_groups", "kv_channels", "num_moe_experts", "moe_ffn_hidden_size")
 
 
 @dataclass
@@ -113,10 +113,12 @@ def staged_dir(save_dir: str) -> Iterator[str]:
 
 def merge_lora(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
                lora_config: LoRAConfig, where: str) -> dict[str, torch.Tensor]:
-    """``W + scaling * B @ A`` for every target, in float32, cast back to W's dtype."""
+    """``W + scaling * B @ A`` for every target (every expert's), in float32, cast back to W's
+    dtype. ``lora`` holds one layer's factors; the model config decides the module paths."""
     out = dict(base)
-    for target in lora_config.target_modules:
-        path = TARGET_PATHS[target]
+    paths = sorted(k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight"))
+    for path in paths:
+        target = path.rsplit(".", 1)[-1]
         w = base[f"{path}.weight"]
         a, b = lora[f"{path}.lora_A.weight"], lora[f"{path}.lora_B.weight"]
         if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
@@ -151,7 +153,7 @@ def check_adapter(adapter: Any, base: Optional[ModelConfig], opts: ConvertOption
     layer0 = adapter.full_layer(0, meta=True)
     for target in lora.target_modules:
         out_f, in_f = target_shape(cfg, target)
-        path = TARGET_PATHS[target]
+        path = target_module_paths(cfg, target)[-1]
         a, b = layer0.get(f"{path}.lora_A.weight"), layer0.get(f"{path}.lora_B.weight")
         if a is None or b is None:
             errors.append(f"layer 0 has no {target} factors although the adapter targets it")
@@ -233,6 +235,12 @@ def _hf_assets(base: Any) -> tuple[Optional[dict], Optional[str]]:
     return config, assets
 
 
+def _refuse_moe_peft(flag: str, cfg: ModelConfig) -> None:
+    raise ValueError(f"{flag}: HF PEFT export/import of mixture-of-experts adapters "
+                     f"({cfg.family}) is not implemented yet; merge the adapter into the base "
+                     f"with --lora-load instead")
+
+
 def convert(opts: ConvertOptions) -> str:
     """Run one conversion; return the save directory. See the module docstring for the flow."""
     opts.validate()
@@ -240,6 +248,8 @@ def convert(opts: ConvertOptions) -> str:
     base = open_base(opts) if opts.load_dir else None
     base_cfg = base.model_config if base is not None else None
     merge, source = None, base
+    if opts.load_lora_from_hf and base_cfg is not None and base_cfg.is_moe:
+        _refuse_moe_peft("--load-lora-from-hf", base_cfg)
     if opts.save_lora_to_hf:
         source = MegatronReader(opts.lora_load)
         check_adapter(source, base_cfg, opts, "--lora-load", opts.lora_load)
@@ -254,6 +264,8 @@ def convert(opts: ConvertOptions) -> str:
         raise ValueError(f"{opts.load_dir} is an adapter: export it with --save-lora-to-hf, or "
                          f"merge it with --lora-load into a base model")
     cfg = source.model_config
+    if cfg.is_moe and opts.save_lora_to_hf:
+        _refuse_moe_peft("--save-lora-to-hf", cfg)
     out_dtype = dtype or source.params_dtype
     family = get_family(cfg.family)
     if opts.save_model_type == "mg" and not opts.save_lora_to_hf:

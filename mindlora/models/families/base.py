@@ -220,9 +220,19 @@ def common_hf_fields(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
 
 
 def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
-    """(out_features, in_features) of a LoRA target's full (TP=1) base weight."""
+    """(out_features, in_features) of a LoRA target's full (TP=1) base weight (one expert's, for
+    the MLP targets of a mixture-of-experts model)."""
     qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
+    ffn = cfg.moe_ffn_hidden_size if cfg.is_moe else cfg.ffn_hidden_size
     return {"linear_qkv": (qkv_rows, cfg.hidden_size),
             "linear_proj": (cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels),
-            "linear_fc1": (2 * cfg.ffn_hidden_size, cfg.hidden_size),
-            "linear_fc2": (cfg.hidden_size, cfg.ffn_hidden_size)}[target]
+            "linear_fc1": (2 * ffn, cfg.hidden_size),
+            "linear_fc2": (cfg.hidden_size, ffn)}[target]
+
+
+def target_module_paths(cfg: ModelConfig, target: str) -> list[str]:
+    """Module paths (inside a layer) carrying LoRA target ``target``: one for attention and dense
+    MLPs, one per routed expert for the MLP targets of a mixture-of-experts model."""
+    if cfg.is_moe and target in ("linear_fc1", "linear_fc2"):
+        return [f"mlp.experts.local_experts.{e}.{target}" for e in range(cfg.num_moe_experts)]
+    return [TARGET_PATHS[target]]
