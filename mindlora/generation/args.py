@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true")
     g = p.add_argument_group("parallelism (as in training)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="mixture-of-experts models: routed experts split over this many ranks")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layer-list", type=str, default=None, help="e.g. 10,12,8")
     g.add_argument("--sequence-parallel", action="store_true",
@@ -101,6 +103,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GenerateConfig:
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
         pipeline_model_parallel_size=ns.pipeline_model_parallel_size,
         sequence_parallel=ns.sequence_parallel,
+        expert_model_parallel_size=ns.expert_model_parallel_size,
         num_layer_list=([int(x) for x in ns.num_layer_list.split(",")]
                         if ns.num_layer_list else None))
     dtype = torch.bfloat16 if ns.bf16 else torch.float16 if ns.fp16 else torch.float32
