@@ -12,6 +12,10 @@ tokens/s, ms/step, peak RSS and the ratio mindlora / HF+PEFT.
 
     python bench/train.py                      # SmolLM2-135M shapes, 4 x 256 tokens
     python bench/train.py --tiny --steps 4     # a few seconds, for a smoke run
+    python bench/train.py --model qwen3-moe-tiny   # Qwen3-MoE: 4 layers, 8 experts, top-2
+
+For the MoE model mindlora puts LoRA on attention and on every expert's fc1/fc2; HF PEFT 0.21
+targets the same projections, which it maps onto transformers 5's fused expert parameters.
 """
 from __future__ import annotations
 
@@ -33,6 +37,13 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
                     tie_word_embeddings=True)
 TINY = dict(SMOLLM2_135M, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=4096)
+QWEN3_MOE_TINY = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=32, vocab_size=4096, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, max_position_embeddings=2048,
+                      tie_word_embeddings=False)
+MODELS = {"smollm2-135m": ("llama", SMOLLM2_135M), "tiny": ("llama", TINY),
+          "qwen3-moe-tiny": ("qwen3-moe", QWEN3_MOE_TINY)}
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -40,13 +51,14 @@ def make_model_and_data(work: str, shapes: dict, args) -> tuple[str, str]:
     """Random HF Llama model folder + an indexed SFT dataset of ``steps * batch`` samples."""
     import numpy as np
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
     from mindlora.data.indexed import IndexedDatasetWriter
 
     torch.manual_seed(0)
     hf_dir = os.path.join(work, "hf")
-    LlamaForCausalLM(LlamaConfig(**shapes)).save_pretrained(hf_dir, safe_serialization=True)
+    config = (Qwen3MoeConfig if args.family == "qwen3-moe" else LlamaConfig)(**shapes)
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf_dir, safe_serialization=True)
     prefix = os.path.join(work, "data", "sft")
     os.makedirs(os.path.dirname(prefix))
     rng = np.random.default_rng(0)
@@ -71,7 +83,8 @@ def run_mindlora(work: str, hf_dir: str, prefix: str, args, env: dict, convert: 
     if convert:
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_ckpt.py"),
                         "--load-model-type", "hf", "--save-model-type", "mg", "--no-progress",
-                        "--load-dir", hf_dir, "--save-dir", mg_dir, "--model-type-hf", "llama",
+                        "--load-dir", hf_dir, "--save-dir", mg_dir,
+                        "--model-type-hf", args.family,
                         "--target-tensor-parallel-size", "1",
                         "--target-pipeline-parallel-size", "1"],
                        check=True, env=env, stdout=subprocess.DEVNULL)
@@ -134,6 +147,8 @@ def run_hf(hf_dir: str, prefix: str, args, env: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="a 4-layer model, for smoke runs")
+    p.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="model shapes (default smollm2-135m; --tiny = tiny)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
@@ -144,13 +159,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
     p.add_argument("--mindlora-flags", default="", help="extra flags for mindlora.train")
     args = p.parse_args()
-    shapes = TINY if args.tiny else SMOLLM2_135M
+    if args.tiny and args.model not in (None, "tiny"):
+        p.error(f"--tiny contradicts --model {args.model}")
+    args.model = args.model or ("tiny" if args.tiny else "smollm2-135m")
+    args.family, shapes = MODELS[args.model]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryDirectory() as work:
         t = time.time()
         hf_dir, prefix = make_model_and_data(work, shapes, args)
-        print(f"model {'tiny' if args.tiny else 'SmolLM2-135M shapes'}, batch {args.batch} x "
+        print(f"model {args.model}, batch {args.batch} x "
               f"{args.seq_length} tokens, r={args.rank}, {args.threads} threads, "
               f"prompt fraction {args.prompt_fraction} (set-up {time.time() - t:.1f} s)")
         hf_runs, ml_runs = [], []
