@@ -95,10 +95,13 @@ class MegatronReader:
     def _check_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         path = self.path(tp_rank, pp_rank, ep_rank)
         meta = mf.validate_meta(mf.load_rank_file(path).get("mindlora"), path)
-        for field in ("kind", "tp", "pp", "model_config"):
-            if meta[field] != self.meta[field]:
-                raise ValueError(f"{path}: {field} {meta[field]!r} differs from the other rank "
-                                 f"files' {self.meta[field]!r}")
+        for field in ("kind", "tp", "pp", "ep", "model_config"):
+            if meta.get(field) != self.meta.get(field):
+                raise ValueError(f"{path}: {field} {meta.get(field)!r} differs from the other "
+                                 f"rank files' {self.meta.get(field)!r}")
+        if self.ep > 1 and meta.get("ep_rank") != ep_rank:
+            raise ValueError(f"{path}: holds expert-parallel rank {meta.get('ep_rank')}, not "
+                             f"{ep_rank} as its directory name says")
         return meta
 
     def _stage(self, pp_rank: int, ep_rank: int = 0) -> list[dict[str, Any]]:
