@@ -79,6 +79,7 @@ def micro_batches(dataset, order: SampleOrder, plan: BatchPlan, consumed_samples
             "tokens": batch["input_ids"],
             "labels": labels,
             "loss_mask": (labels != -100).float(),
+            # host-tensor: batches are built on the host; runtime.device.to_device moves them
             "position_ids": torch.arange(seq).unsqueeze(0).expand_as(batch["input_ids"]),
         }
 
@@ -102,6 +103,7 @@ def pad_to_common_length(batches: list[dict[str, torch.Tensor]]) -> list[dict[st
             "tokens": torch.cat([b["tokens"], b["tokens"].new_zeros(rows, extra)], dim=1),
             "labels": torch.cat([b["labels"], b["labels"].new_full((rows, extra), -100)], dim=1),
             "loss_mask": torch.cat([b["loss_mask"], b["loss_mask"].new_zeros(rows, extra)], dim=1),
+            # host-tensor: batches are built on the host; runtime.device.to_device moves them
             "position_ids": torch.arange(length).unsqueeze(0).expand(rows, length),
         })
     return out
