@@ -32,7 +32,7 @@ python3 -c "import megatron.core" 2>/dev/null || {
 }
 rc=0
 if [[ " $PARTS " == *" tests "* ]]; then
-    timeout "${TESTS_TIMEOUT:-280}" python3 -m pytest tests/gpu tests/static \
+    timeout "${TESTS_TIMEOUT:-280}" python3 -m pytest tests/gpu/test_cuda_training.py tests/static \
         tests/runtime/test_device.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
     rc=${PIPESTATUS[0]}
 fi

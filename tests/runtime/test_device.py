@@ -28,8 +28,15 @@ def test_cpu_device_helpers() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="detection on a CPU-only machine")
-def test_detection_picks_cpu_without_accelerators() -> None:
-    assert current().kind == "cpu" and current().backend == "gloo"
+def test_detection_picks_cpu_without_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mindlora.runtime import device as dev
+
+    monkeypatch.delenv("MINDLORA_DEVICE", raising=False)  # tests/conftest.py sets it
+    dev._detect.cache_clear()
+    try:
+        assert current().kind == "cpu" and current().backend == "gloo"
+    finally:
+        dev._detect.cache_clear()
 
 
 def test_selected_device_wins_over_detection(monkeypatch: pytest.MonkeyPatch) -> None:
