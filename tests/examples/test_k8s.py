@@ -100,3 +100,20 @@ def test_the_check_can_fail(tmp_path):
         path.write_text(bad)
         with pytest.raises(AssertionError, match=match):
             check_manifest(str(path))
+
+
+def test_every_launcher_takes_the_node_variables():
+    """What tests/training/test_multinode.py proves for the tiny launcher holds for all: the same
+    torchrun arguments from the same overridable variables."""
+    import glob
+
+    scripts = sorted(glob.glob(os.path.join(ROOT, "examples", "mcore", "*", "tune_*_ptd.sh")))
+    assert len(scripts) >= 3, scripts
+    for script in scripts:
+        with open(script) as f:
+            text = f.read()
+        reads = _launcher_vars(text)
+        assert {"MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"} <= set(reads), script
+        assert ("--nproc-per-node $NPUS_PER_NODE --nnodes $NNODES --node-rank $NODE_RANK"
+                in text and "--master-addr $MASTER_ADDR --master-port $MASTER_PORT" in text), script
+        assert "NPUS_PER_NODE=${NPUS_PER_NODE:-${GPUS_PER_NODE:-" in text, script
