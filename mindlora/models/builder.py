@@ -72,10 +72,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        recompute_num_layers: Optional[int] = None) -> TransformerConfig:
     """megatron-core TransformerConfig for ``model`` under ``parallel``.
 
-    Fusions that need CUDA kernels are switched off on the CPU and the NPU; ``batch_p2p_comm`` is off on gloo,
-    where batched isend/irecv gave wrong gradients for interleaved pipelines with PP=2. Weights
-    are allocated straight on the accelerator (``use_cpu_initialization`` only on the CPU): a
-    rank never stages its chunk in host RAM.
+    Fusions that need CUDA kernels are switched off on the CPU and the NPU; ``batch_p2p_comm`` is
+    off on gloo, where batched isend/irecv gave wrong gradients for interleaved pipelines with
+    PP=2. Weights are allocated straight on the accelerator (``use_cpu_initialization`` only on
+    the CPU): a rank never stages its chunk in host RAM.
     """
     parallel.check_model(model)
     device = current()
