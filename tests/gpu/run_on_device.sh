@@ -9,6 +9,8 @@
 # tests/gpu (plus the static and runtime checks), then bench/train.py --device cuda (Qwen3-8B
 # shapes, bf16, 4 x 4096 tokens, r 16) beside HF+PEFT. Logs go to $OUT (the `run` tool's folder).
 # PARTS="tests" or PARTS="bench" runs one half; BENCH_ARGS adds flags (e.g. "--tiny").
+# Budget (estimated, never measured): tests ~3 min, bench ~4 min (most of it writing and loading
+# the 16 GB random base checkpoint); each half has its own timeout (TESTS_/BENCH_TIMEOUT, s).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 PARTS=${PARTS:-"tests bench"}
@@ -32,12 +34,12 @@ python3 -c "import megatron.core" 2>/dev/null || {
 }
 rc=0
 if [[ " $PARTS " == *" tests "* ]]; then
-    timeout "${TESTS_TIMEOUT:-280}" python3 -m pytest tests/gpu/test_cuda_training.py tests/static \
+    timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/gpu/test_cuda_training.py tests/static \
         tests/runtime/test_device.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
     rc=${PIPESTATUS[0]}
 fi
 if [[ " $PARTS " == *" bench "* ]]; then
-    timeout "${BENCH_TIMEOUT:-300}" python3 bench/train.py --device cuda --workdir /tmp \
+    timeout "${BENCH_TIMEOUT:-330}" python3 bench/train.py --device cuda --workdir /tmp \
         ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu-bench.log"
     [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
