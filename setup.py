@@ -24,7 +24,6 @@ setup(
         "peft": ["peft>=0.12"],
         "test": ["pytest", "transformers>=4.45", "peft>=0.12", "tokenizers", "sentencepiece",
                  "tiktoken", "pyarrow"],
-        "gpu": ["transformer-engine"],
         "npu": ["torch-npu"],
     },
 )

@@ -216,8 +216,10 @@ def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank:
     gen = torch.Generator().manual_seed(lora.seed * 100003 + layer_number * 31 + _TARGET_IDS[target])
     if lora.init_a == "kaiming":
         bound = 1.0 / math.sqrt(full_in)  # kaiming_uniform_(a=sqrt(5)), as HF PEFT does
+        # host-tensor: drawn from a seeded CPU generator, so A is the same on every device
         full = torch.empty(lora.r, full_in).uniform_(-bound, bound, generator=gen)
     else:
+        # host-tensor: drawn from a seeded CPU generator, so A is the same on every device
         full = torch.empty(lora.r, full_in).normal_(0.0, 1.0 / lora.r, generator=gen)
     rule = split_rule(f"{target}.lora_A.weight")
     with torch.no_grad():

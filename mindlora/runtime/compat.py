@@ -1,8 +1,10 @@
 """The one place where megatron-core 0.16.1 is adapted to run on CPU with gloo.
 
 megatron-core assumes CUDA in three ways; each adaptation below is applied only when the
-runtime device is the CPU (on CUDA/NPU nothing here runs) and each has its own test in
-``tests/runtime/test_compat.py``:
+runtime device is the CPU (on CUDA/NPU nothing here runs; Ascend has ``npu_compat.py``) and each
+has its own test in ``tests/runtime/test_compat.py``. A CPU run on a host that also has GPUs (the
+CPU test suite on a GPU machine) is still a CPU run: the process never touches CUDA, so the
+patches apply there too.
 
 1. ``torch.cuda.current_device()`` is used as a ``device=`` argument in ~175 places (buffers, RoPE,
    p2p shape exchange). On a CPU-only build it raises; we make it return the CPU device.
@@ -111,7 +113,7 @@ def _patch_rng_tracker() -> None:
 
 
 def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8)  # host-tensor: RNG states are host byte tensors
 
 
 def _set_no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
@@ -160,12 +162,14 @@ def _patch_cuda_literals() -> None:
 
 
 def apply_cpu_compat() -> None:
-    """Apply every CPU adaptation once (call only when the runtime device is the CPU)."""
+    """Apply every CPU adaptation once (call only when the runtime device is the CPU).
+
+    Whether the host has CUDA does not matter: the patches change what this process's
+    megatron-core asks of ``torch.cuda``, and a CPU run asks nothing of the GPUs.
+    """
     global _APPLIED
     if _APPLIED:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("apply_cpu_compat() must not run on a machine with CUDA")
     _patch_cuda_device_queries()
     _patch_rng_tracker()
     _patch_cuda_literals()

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    g.add_argument("--transformer-impl", default=None,
+                   help="local (the only one: megatron-core's local layers with LoRA); "
+                        "transformer_engine is refused")
     g = p.add_argument_group("checkpoints and logging")
     for flag in ("--load", "--save", "--lora-load", "--tensorboard-dir", "--eval-prompts"):
         g.add_argument(flag, default=None)
@@ -208,6 +211,11 @@ def _to_configs(ns: argparse.Namespace) -> RunConfig:
     if ns.num_layer_list and ns.num_layers_per_virtual_pipeline_stage:
         errors.append("--num-layer-list and --num-layers-per-virtual-pipeline-stage are "
                       "mutually exclusive")
+    if ns.transformer_impl not in (None, "local"):
+        errors.append(f"--transformer-impl {ns.transformer_impl} is not supported: mindlora "
+                      f"builds megatron-core's local layers (SDPA attention, LoRA linears) and "
+                      f"does not use Transformer Engine; pass --transformer-impl local or drop "
+                      f"the flag")
     fail_if(errors, "flags")
     train_fields = [f.name for f in dataclasses.fields(TrainConfig)]
     train = _pick(ns, TrainConfig, {f: f for f in train_fields if hasattr(ns, f)})

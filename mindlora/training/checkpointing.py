@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
+from mindlora.runtime.rng import capture_rng_state, restore_rng_state
 
 
 @dataclass
@@ -58,17 +58,12 @@ def _chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: Mo
 
 
 def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    """Every RNG stream of the run (CPU, all accelerator devices, megatron's tracker)."""
+    return capture_rng_state()
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    get_cuda_rng_tracker().set_states(dict(state["tracker"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    restore_rng_state(state)
 
 
 def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module],

@@ -21,6 +21,7 @@ from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
 from mindlora.models.builder import build_model, parameter_report, transformer_config
 from mindlora.runtime import init_distributed, init_parallel
+from mindlora.runtime.device import to_device
 from mindlora.training import checkpointing as ckpt
 from mindlora.training.args import RunConfig
 from mindlora.training.batches import BatchPlan, SampleOrder, micro_batches, pad_to_common_length
@@ -88,6 +89,7 @@ class Trainer:
         self.run, self.log = run, log
         t = run.train
         self.device = init_distributed()
+        self.torch_device = self.device.torch_device()
         self.model_cfg, self.parallel = resolve_model(run)
         init_parallel(self.parallel, seed=t.seed)
         self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
@@ -141,7 +143,7 @@ class Trainer:
             forward_step_func=_forward_step, data_iterator=iters, model=model,
             num_microbatches=len(batches), seq_length=seq,
             micro_batch_size=self.run.train.micro_batch_size, forward_only=forward_only)
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.torch_device)
         for item in out:
             totals += item["lm loss"].double()
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -154,7 +156,7 @@ class Trainer:
         batches = list(micro_batches(dataset, order, self.plan, consumed, self.data.collate))
         if self.parallel.pipeline_model_parallel_size > 1:
             batches = pad_to_common_length(batches)
-        return batches
+        return [to_device(b, self.torch_device) for b in batches]
 
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step; returns (loss, grad norm, skipped)."""
