@@ -55,7 +55,7 @@ def _forward_step(data_iterator, model):
 
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     """Model architecture from the base checkpoint; check optional architecture flags against it."""
-    _, meta = fmt.read_meta(run.train.load)
+    _, meta = fmt.read_meta(run.train.load, hf_config_dir=run.data.tokenizer_name_or_path)
     model = ModelConfig.from_dict(meta["model_config"])
     arch = dict(run.arch_overrides)
     vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)
@@ -107,7 +107,8 @@ class Trainer:
         config.finalize_model_grads_func = finalize_grads
         config.grad_scale_func = (lambda loss: loss * self.scaler.scale) if t.fp16 else None
         self.chunks = build_model(self.model_cfg, self.parallel, run.lora, self.dtype, config)
-        ckpt.load_base(t.load, self.chunks, self.model_cfg, self.parallel)
+        ckpt.load_base(t.load, self.chunks, self.model_cfg, self.parallel,
+                       hf_config_dir=run.data.tokenizer_name_or_path)
         self.params = lora_parameters(self.chunks)
         self.optimizer = make_optimizer(self.params, t.lr, t.weight_decay,
                                         (t.adam_beta1, t.adam_beta2), t.adam_eps)
@@ -120,7 +121,8 @@ class Trainer:
         if t.lora_load:
             self.state, scaler_state = ckpt.load_adapter(
                 t.lora_load, self.chunks, None if t.finetune else self.optimizer,
-                self.model_cfg, run.lora, self.parallel, t.finetune)
+                self.model_cfg, run.lora, self.parallel, t.finetune,
+                hf_config_dir=run.data.tokenizer_name_or_path)
             if scaler_state:
                 self.scaler.load_state_dict(scaler_state)
         self.order = SampleOrder(len(self.data.train), t.seed)
