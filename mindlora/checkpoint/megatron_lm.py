@@ -103,9 +103,14 @@ def _family_name(a: dict[str, Any], hf: Optional[dict[str, Any]]) -> str:
     return "qwen3" if a.get("qk_layernorm") else "qwen2" if a.get("add_qkv_bias") else "llama"
 
 
-def model_config_from_args(a: dict[str, Any], hf: Optional[dict[str, Any]], path: str
-                           ) -> ModelConfig:
-    """ModelConfig from Megatron ``args``; ``hf`` (config.json) fills what args lack."""
+def model_config_from_args(a: dict[str, Any], hf: Optional[dict[str, Any]], path: str,
+                           need_vocab: bool = True) -> ModelConfig:
+    """ModelConfig from Megatron ``args``; ``hf`` (config.json) fills what args lack.
+
+    Args:
+        need_vocab: the true vocabulary size is required (base weights, whose padding rows must
+            be cut); an adapter falls back to ``padded_vocab_size``.
+    """
     errors = []
     for field, ok in (("normalization", "RMSNorm"), ("swiglu", True),
                       ("position_embedding_type", "rope"), ("add_bias_linear", False)):
@@ -113,7 +118,7 @@ def model_config_from_args(a: dict[str, Any], hf: Optional[dict[str, Any]], path
             errors.append(f"args.{field}={a[field]!r} (mindlora's families need {ok!r})")
     missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads") if not a.get(f)]
     errors += [f"args.{f} is missing" for f in missing]
-    if hf is None and not a.get("vocab_size"):
+    if hf is None and not a.get("vocab_size") and need_vocab:
         errors.append("the true vocabulary size is unknown (args has padded_vocab_size only): "
                       "pass the HF model's folder, whose config.json has vocab_size "
                       "(--hf-cfg-dir in convert_ckpt.py, --tokenizer-name-or-path in training)")
@@ -136,7 +141,8 @@ def model_config_from_args(a: dict[str, Any], hf: Optional[dict[str, Any]], path
         num_attention_heads=heads,
         num_query_groups=(a.get("num_query_groups") or heads) if a.get("group_query_attention")
         else heads,
-        vocab_size=from_hf.vocab_size if from_hf else a["vocab_size"],
+        vocab_size=(from_hf.vocab_size if from_hf else a.get("vocab_size")
+                    or a.get("padded_vocab_size") or 1),
         kv_channels=a.get("kv_channels") or a["hidden_size"] // heads,
         max_position_embeddings=a.get("max_position_embeddings") or 4096,
         rotary_base=float(a.get("rotary_base") or (from_hf.rotary_base if from_hf else 10000.0)),
@@ -208,7 +214,7 @@ class LegacyLayout:
                              f"virtual_pipeline_model_parallel_size="
                              f"{a['virtual_pipeline_model_parallel_size']}")
         self.hf = _hf_config(hf_config_dir)
-        cfg = model_config_from_args(a, self.hf, path0)
+        model_config_from_args(a, self.hf, path0, need_vocab=False)  # fail before the scan
         keys = mf.chunk_keys(vpp)
         counts, states0 = [], None
         for p in range(pp):
@@ -229,6 +235,7 @@ class LegacyLayout:
             counts.append(row)
         self._check_counts(a, counts, pp, vpp or 1, path0)
         has_lora = any(is_lora_key(k) for k in states0[0])
+        cfg = model_config_from_args(a, self.hf, path0, need_vocab=not has_lora)
         self.kind = "adapter" if has_lora else "base"
         lora = lora_config_from_args(a, states0[0], path0) if has_lora else None
         padded = self._check_shapes(cfg, states0[0], tp, a, path0)

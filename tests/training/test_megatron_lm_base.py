@@ -4,7 +4,9 @@ The base weights are resharded to TP2 x PP2 by convert_ckpt.py, then rewritten t
 Megatron-LM writes them (tests/checkpoint/megatron_lm_files.py: ``args`` Namespace, TE key
 names, Megatron vocab padding with garbage rows, no true vocab size in args). The true vocabulary
 comes from config.json in the ``--tokenizer-name-or-path`` folder. Both runs use TP2 x PP2 in one
-spawned group and must give the same per-iteration losses and grad norms.
+spawned group and must give the same per-iteration losses and grad norms. Likewise a MindSpeed-LLM
+LoRA checkpoint (``lora_A.default.weight`` keys, ``lora_r``/``lora_alpha`` in args) restarts
+training with ``--finetune`` exactly like the mindlora adapter it was made from.
 """
 import json
 import os
@@ -12,7 +14,8 @@ import os
 import pytest
 
 from mindlora.models.families import get_family
-from tests.checkpoint.conftest import run_convert
+from mindlora.config import LoRAConfig
+from tests.checkpoint.conftest import random_adapter, run_convert, write_adapter
 from tests.checkpoint.megatron_lm_files import to_megatron_lm
 from tests.distributed.harness import spawn
 from tests.training.fixtures import preprocess_alpaca, tiny_model, write_base_checkpoint
@@ -27,20 +30,32 @@ def _flags(base, data, tok, extra=()):
             "--no-pad-to-seq-lengths", "--tokenizer-name-or-path", tok, *LAYOUT, *extra]
 
 
-def _body(rank, world, ours, theirs, data, tok):
+def _same(a, b):
     import torch
 
+    for x, y in ((a.losses, b.losses), (a.grad_norms, b.grad_norms)):
+        torch.testing.assert_close(torch.tensor(y, dtype=torch.float64),
+                                   torch.tensor(x, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def _body(rank, world, ours, theirs, data, tok, lora_ours, lora_theirs):
     from mindlora.training.args import parse_args
     from mindlora.training.loop import train
 
     a = train(parse_args(_flags(ours, data, tok)), log=lambda *_: None)
     b = train(parse_args(_flags(theirs, data, tok)), log=lambda *_: None)
     assert len(a.losses) == 4 and a.losses[-1] < a.losses[0]
-    torch.testing.assert_close(torch.tensor(b.losses, dtype=torch.float64),
-                               torch.tensor(a.losses, dtype=torch.float64), rtol=1e-6, atol=0)
-    torch.testing.assert_close(torch.tensor(b.grad_norms, dtype=torch.float64),
-                               torch.tensor(a.grad_norms, dtype=torch.float64), rtol=1e-6,
-                               atol=0)
+    _same(a, b)
+    c = train(parse_args(_flags(ours, data, tok, ["--lora-load", lora_ours, "--finetune"])),
+              log=lambda *_: None)
+    d = train(parse_args(_flags(theirs, data, tok, ["--lora-load", lora_theirs, "--finetune"])),
+              log=lambda *_: None)
+    assert abs(c.losses[0] - a.losses[0]) > 1e-3  # the adapter was really loaded
+    _same(c, d)
+    with pytest.raises(ValueError, match=r"MindSpeed-LLM / Megatron-LM LoRA checkpoint: .* "
+                                         r"add --finetune"):
+        train(parse_args(_flags(theirs, data, tok, ["--lora-load", lora_theirs])),
+              log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +71,12 @@ def setup(tmp_path_factory):
     run_convert(load_model_type="mg", save_model_type="mg", load_dir=base, save_dir=ours,
                 target_tensor_parallel_size=2, target_pipeline_parallel_size=2)
     theirs = to_megatron_lm(ours, str(root / "megatron_lm"))
-    return ours, theirs, data, tok
+    lora = LoRAConfig(r=4, alpha=8.0)
+    lora_ours = write_adapter(str(root / "lora_ours"), model, lora,
+                              random_adapter(model, lora, seed=5), tp=2, pp=2)
+    lora_theirs = to_megatron_lm(lora_ours, str(root / "lora_theirs"), lora_args={
+        "lora_r": 4, "lora_alpha": 8, "lora_target_modules": list(lora.target_modules)})
+    return ours, theirs, data, tok, lora_ours, lora_theirs
 
 
 def test_megatron_lm_base_trains_like_the_converted_one(setup):
@@ -67,7 +87,7 @@ def test_megatron_lm_base_without_config_json_is_refused(setup, tmp_path):
     from mindlora.training.args import parse_args
     from mindlora.training.loop import resolve_model
 
-    ours, theirs, data, tok = setup
+    ours, theirs, data, tok = setup[:4]
     flags = _flags(theirs, data, tok)
     flags[flags.index("--tokenizer-name-or-path") + 1] = str(tmp_path)  # no config.json here
     with pytest.raises(ValueError, match=r"true vocabulary size is unknown.*"
