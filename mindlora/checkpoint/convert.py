@@ -135,7 +135,7 @@ def merge_lora(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
         if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
             raise ValueError(f"{where}: {target} A {tuple(a.shape)} / B {tuple(b.shape)} do not "
                              f"fit the base weight {tuple(w.shape)}")
-        delta = (b.to(torch.float32) @ a.to(torch.float32)) * lora_config.scaling
+        delta = (b.to(torch.float32) @ a.to(torch.float32)) * lora_config.scaling_of(target)
         out[f"{path}.weight"] = (w.to(torch.float32) + delta).to(dtype or w.dtype)
     return out
 
@@ -168,9 +168,11 @@ def check_adapter(adapter: Any, base: Optional[ModelConfig], opts: ConvertOption
         a, b = layer0.get(f"{path}.lora_A.weight"), layer0.get(f"{path}.lora_B.weight")
         if a is None or b is None:
             errors.append(f"layer 0 has no {target} factors although the adapter targets it")
-        elif tuple(a.shape) != (lora.r, in_f) or tuple(b.shape) != (out_f, lora.r):
-            errors.append(f"layer 0 {target}: A {tuple(a.shape)}, B {tuple(b.shape)}; r={lora.r} "
-                          f"expects A ({lora.r}, {in_f}), B ({out_f}, {lora.r})")
+        elif tuple(a.shape) != (lora.rank_of(target), in_f) or tuple(b.shape) != (
+                out_f, lora.rank_of(target)):
+            r = lora.rank_of(target)
+            errors.append(f"layer 0 {target}: A {tuple(a.shape)}, B {tuple(b.shape)}; rank {r} "
+                          f"expects A ({r}, {in_f}), B ({out_f}, {r})")
     fail_if(errors, f"adapter {flag} {where}")
 
 

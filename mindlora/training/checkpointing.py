@@ -12,6 +12,7 @@ directory, and ``latest`` still names the previous, complete checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -142,6 +143,18 @@ def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfi
             errors.append(f"{flag} is {b} but the adapter was saved with {a}")
     if errors:
         raise ValueError(f"--lora-load {path}: " + "; ".join(errors))
+
+
+def saved_lora_structure(lora_load: str, lora: LoRAConfig, hf_config_dir: Optional[str] = None
+                         ) -> LoRAConfig:
+    """``lora`` (the flags) with the rank-stacked structure (``ranks``, ``scalings``) of the
+    adapter in ``lora_load``, so the model is built to hold it; flags are checked on load."""
+    _, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
+    saved = meta.get("lora_config") or {}
+    ranks = {k: v for k, v in (saved.get("ranks") or {}).items() if k in lora.target_modules}
+    scalings = {k: v for k, v in (saved.get("scalings") or {}).items()
+                if k in lora.target_modules}
+    return dataclasses.replace(lora, ranks=ranks, scalings=scalings)
 
 
 def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
