@@ -106,3 +106,40 @@ def test_mindlora_checkpoints_carry_megatron_args(hf_models, tmp_path):
     run_convert(load_model_type="mg", save_model_type="hf", load_dir=stripped, save_dir=out_a)
     run_convert(load_model_type="mg", save_model_type="hf", load_dir=mg, save_dir=out_b)
     assert_same_tensors(load_hf_tensors(out_a), load_hf_tensors(out_b))
+
+
+def test_megatron_lm_interleaved_checkpoint(hf_models, tmp_path):
+    """VPP: ``model0``/``model1`` per stage, chunk (p, v) holding global layer v * 2 + p."""
+    from tests.checkpoint.megatron_lm_files import TE, megatron_args
+
+    src = hf_models["llama"]
+    tp1 = str(tmp_path / "tp1")
+    run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=tp1,
+                model_type_hf="llama")
+    reader = MegatronReader(tp1)
+    args = megatron_args(reader, 256, 128, pipeline_model_parallel_size=2,
+                         virtual_pipeline_model_parallel_size=2,
+                         num_layers_per_virtual_pipeline_stage=1)
+    root = str(tmp_path / "vpp")
+    for p in range(2):
+        payload = {"args": args, "checkpoint_version": 3.0, "iteration": 5}
+        for v in range(2):
+            layer = {f"decoder.layers.0.{TE.get(k, k)}": t
+                     for k, t in reader.full_layer(v * 2 + p).items()}
+            if (p, v) == (0, 0):
+                layer["embedding.word_embeddings.weight"] = reader.full_global(
+                    "embedding.word_embeddings.weight")
+            if (p, v) == (1, 1):
+                for key in ("decoder.final_layernorm.weight", "output_layer.weight"):
+                    layer[key] = reader.full_global(key)
+            payload[f"model{v}"] = layer
+        path = mf.rank_file_path(root, 5, 0, p, 2)
+        os.makedirs(os.path.dirname(path))
+        torch.save(payload, path)
+    mf.write_tracker(root, 5)
+    meta = mf.read_meta(root, hf_config_dir=src)[1]
+    assert meta["vpp"] == 2 and meta["layer_ids"] == {"model0": [0], "model1": [2]}
+    out = str(tmp_path / "hf")
+    run_convert(load_model_type="mg", save_model_type="hf", load_dir=root, save_dir=out,
+                hf_cfg_dir=src)
+    assert_same_tensors(load_hf_tensors(src), load_hf_tensors(out))

@@ -1,15 +1,15 @@
 """Training on a Megatron-LM / MindSpeed-LLM checkpoint: same losses as on mindlora's own.
 
-The base weights are resharded to TP2 x PP2 by convert_ckpt.py, then rewritten the way
-Megatron-LM writes them (tests/checkpoint/megatron_lm_files.py: ``args`` Namespace, TE key
+A random Qwen2-style HF model (GQA, qkv bias) is converted to TP2 x PP2 by convert_ckpt.py, and
+that checkpoint rewritten the way Megatron-LM writes it (tests/checkpoint/megatron_lm_files.py: ``args`` Namespace, TE key
 names, Megatron vocab padding with garbage rows, no true vocab size in args). The true vocabulary
 comes from config.json in the ``--tokenizer-name-or-path`` folder. Both runs use TP2 x PP2 in one
 spawned group and must give the same per-iteration losses and grad norms. Likewise a MindSpeed-LLM
 LoRA checkpoint (``lora_A.default.weight`` keys, ``lora_r``/``lora_alpha`` in args) restarts
 training with ``--finetune`` exactly like the mindlora adapter it was made from.
 """
-import json
 import os
+import shutil
 
 import pytest
 
@@ -18,7 +18,7 @@ from mindlora.config import LoRAConfig
 from tests.checkpoint.conftest import random_adapter, run_convert, write_adapter
 from tests.checkpoint.megatron_lm_files import to_megatron_lm
 from tests.distributed.harness import spawn
-from tests.training.fixtures import preprocess_alpaca, tiny_model, write_base_checkpoint
+from tests.training.fixtures import preprocess_alpaca, tiny_model
 
 LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
 
@@ -58,18 +58,33 @@ def _body(rank, world, ours, theirs, data, tok, lora_ours, lora_theirs):
               log=lambda *_: None)
 
 
+def _hf_model(model, path):
+    """A random HF model of ``model``'s shape (transformers' own init plus noise)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = get_family(model.family).hf_config_from_model(model, "float32")
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(Qwen2Config(**config)).float()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_lm")
     data, vocab = preprocess_alpaca(str(root / "alpaca"), n=48)
     tok = str(root / "alpaca" / "tokenizer")
     model = tiny_model(vocab_size=((vocab + 63) // 64) * 64)
-    with open(os.path.join(tok, "config.json"), "w") as f:  # the HF model folder's config
-        json.dump(get_family(model.family).hf_config_from_model(model, "float32"), f)
-    base = write_base_checkpoint(str(root / "base"), model)
+    hf = str(root / "hf")
+    _hf_model(model, hf)
+    shutil.copy(os.path.join(hf, "config.json"), tok)  # training finds config.json here
     ours = str(root / "tp2pp2")
-    run_convert(load_model_type="mg", save_model_type="mg", load_dir=base, save_dir=ours,
-                target_tensor_parallel_size=2, target_pipeline_parallel_size=2)
+    run_convert(load_model_type="hf", save_model_type="mg", load_dir=hf, save_dir=ours,
+                model_type_hf="qwen2", target_tensor_parallel_size=2,
+                target_pipeline_parallel_size=2)
     theirs = to_megatron_lm(ours, str(root / "megatron_lm"))
     lora = LoRAConfig(r=4, alpha=8.0)
     lora_ours = write_adapter(str(root / "lora_ours"), model, lora,
