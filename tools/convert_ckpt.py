@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-model-type", choices=("hf", "mg"), required=True)
     p.add_argument("--save-model-type", choices=("hf", "mg"), required=True)
-    p.add_argument("--load-dir", help="HF model folder or mindlora checkpoint to read")
+    p.add_argument("--load-dir", help="HF model folder, or a mindlora / Megatron-LM / MindSpeed-LLM "
+                                      "checkpoint to read")
     p.add_argument("--save-dir", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--model-type-hf", choices=family_names(),
                    help="model family (required for --load-model-type hf)")
@@ -38,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--num-layer-list", type=_layer_list, default=None,
                    help="uneven pipeline split, layers per stage, e.g. 10,12,8")
-    p.add_argument("--lora-load", help="mindlora adapter checkpoint to merge or export")
+    p.add_argument("--lora-load", help="adapter checkpoint (mindlora or MindSpeed-LLM LoRA) to merge "
+                                       "or export")
     p.add_argument("--lora-r", type=int, help="checked against the adapter's own r")
     p.add_argument("--lora-alpha", type=float, help="checked against the adapter's own alpha")
     p.add_argument("--lora-target-modules", nargs="+",
