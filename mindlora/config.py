@@ -99,6 +99,15 @@ class LoRAConfig:
     """CCLoRA: fold LoRA communication into the base layer's collectives (``--lora-fusion``)."""
     seed: int = 1234
     """Seed of the generator that draws the full (unsharded) A matrices."""
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    """Rank-stacked targets (imported PEFT adapters): target -> the ranks of its HF modules in
+    order (q, k, v / gate, up / o / down). A is ``[A_q; A_k; A_v]`` and B block-structured: each
+    module's output rows use only its own column block (see docs/checkpoint.md). Targets not
+    listed have rank ``r`` and one shared A."""
+    scalings: dict[str, float] = field(default_factory=dict)
+    """Per-target scaling overriding ``alpha / r`` (PEFT ``rank_pattern`` / ``alpha_pattern``)."""
+    fixed_scaling: Optional[float] = None
+    """The scaling of a per-target config made by :meth:`for_target` (what a layer uses)."""
 
     def __post_init__(self) -> None:
         targets = list(self.target_modules)
@@ -120,15 +129,36 @@ class LoRAConfig:
             errors.append("--lora-target-modules must name at least one target")
         if self.init_a not in ("kaiming", "gaussian"):
             errors.append(f"--lora-init-a ({self.init_a}) must be kaiming or gaussian")
+        modules = {"linear_qkv": 3, "linear_fc1": 2, "linear_proj": 1, "linear_fc2": 1}
+        for target, ranks in self.ranks.items():
+            if target not in self.target_modules or len(ranks) != modules[target] or min(
+                    ranks) < 0 or sum(ranks) < 1:
+                errors.append(f"ranks[{target!r}] ({ranks}) must give {modules.get(target)} "
+                              f"ranks >= 0 (one > 0) of a target in {list(self.target_modules)}")
         fail_if(errors, "LoRA config")
 
     @property
     def scaling(self) -> float:
+        if self.fixed_scaling is not None:
+            return self.fixed_scaling
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_of(self, target: str) -> int:
+        """Rows of ``target``'s A (the stacked rank for a rank-stacked target)."""
+        return sum(self.ranks[target]) if target in self.ranks else self.r
+
+    def scaling_of(self, target: str) -> float:
+        return self.scalings.get(target, self.scaling)
+
+    def for_target(self, target: str) -> "LoRAConfig":
+        """The config one LoRA layer of ``target`` is built with: its rank and its scaling."""
+        return dataclasses.replace(self, r=self.rank_of(target), ranks={}, scalings={},
+                                   fixed_scaling=self.scaling_of(target))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["ranks"] = {k: [int(x) for x in v] for k, v in self.ranks.items()}
         return d
 
     @classmethod

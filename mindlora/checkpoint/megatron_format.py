@@ -12,6 +12,7 @@ only its pages.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
 import tempfile
@@ -119,9 +120,9 @@ def build_meta(kind: str, model_config: ModelConfig, tp: int, pp: int, vpp: Opti
 def validate_meta(meta: Any, path: str) -> dict[str, Any]:
     """Check a rank file's ``mindlora`` metadata; return it (ValueError naming ``path`` if bad)."""
     if not isinstance(meta, dict):
-        raise ValueError(f"{path} has no 'mindlora' metadata: it was not written by mindlora "
-                         f"(a Megatron-LM / MindSpeed-LLM checkpoint?). Convert from the "
-                         f"Hugging Face model with tools/convert_ckpt.py instead")
+        raise ValueError(f"{path} has neither 'mindlora' metadata nor Megatron 'args': it was "
+                         f"written neither by mindlora nor by Megatron-LM / MindSpeed-LLM. "
+                         f"Convert from the Hugging Face model with tools/convert_ckpt.py")
     errors = []
     if meta.get("format_version") != FORMAT_VERSION:
         errors.append(f"format_version {meta.get('format_version')} (this mindlora reads "
@@ -155,20 +156,37 @@ def write_rank_file(path: str, payload: dict[str, Any]) -> None:
         raise
 
 
+def allow_megatron_args() -> None:
+    """Let ``weights_only`` loads read ``argparse.Namespace`` (Megatron's ``args``), as
+    megatron-core does on import. Registered for good: torch's ``safe_globals`` context manager
+    would, on exit, also drop the registration megatron-core made."""
+    allowed = torch.serialization.get_safe_globals()
+    missing = [c for c in (argparse.Namespace, io.BytesIO) if c not in allowed]
+    if missing:  # BytesIO: transformer-engine's _extra_state in older megatron-core
+        torch.serialization.add_safe_globals(missing)
+
+
 def load_rank_file(path: str, mmap: bool = True) -> dict[str, Any]:
     """Load one rank file with ``weights_only=True`` (memory-mapped by default).
 
-    ``argparse.Namespace`` is allowed so Megatron-LM files (which pickle ``args``) load far enough
-    to be told apart; anything else non-tensor is refused by torch and reported here.
+    ``argparse.Namespace`` (Megatron's ``args``) is allowed; a file that needs more (a Megatron-LM
+    training checkpoint's numpy RNG state, optimizer config...) is retried once with the safe
+    globals megatron-core itself registers on import; anything else is refused here by name.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing checkpoint file {path}")
+    allow_megatron_args()
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            from megatron.core.safe_globals import register_safe_globals
+            register_safe_globals()
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds Python objects that a weights_only load refuses, so it "
-                         f"was not written by mindlora: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path} holds Python objects that a weights_only load refuses (only "
+                         f"tensors, plain values and Megatron's args are read): "
+                         f"{str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
                          f"{str(e).splitlines()[0]}") from None
@@ -184,30 +202,44 @@ def find_pp_size(root: str, iteration: Iteration) -> int:
         return 1
     path = os.path.join(base, rank_dir_name(0, 0, 2), RANK_FILE)
     if os.path.isfile(path):
-        return int(validate_meta(load_rank_file(path).get("mindlora"), path)["pp"])
+        payload = load_rank_file(path)
+        if "mindlora" not in payload and "args" in payload:  # Megatron-LM / MindSpeed-LLM
+            from mindlora.checkpoint.megatron_lm import args_dict
+            return int(args_dict(payload, path).get("pipeline_model_parallel_size") or 1)
+        return int(validate_meta(payload.get("mindlora"), path)["pp"])
     raise FileNotFoundError(f"missing checkpoint file {os.path.join(base, 'mp_rank_00', RANK_FILE)}"
                             f" (nor mp_rank_00_000): {root} holds no "
                             f"{iteration_dir_name(iteration)}")
 
 
-def read_meta(load_dir: str, iteration: Optional[Iteration] = None
-              ) -> tuple[Iteration, dict[str, Any]]:
+def read_meta(load_dir: str, iteration: Optional[Iteration] = None,
+              hf_config_dir: Optional[str] = None) -> tuple[Iteration, dict[str, Any]]:
     """(iteration, metadata of rank file TP0/PP0) of the checkpoint in ``load_dir``.
+
+    A Megatron-LM / MindSpeed-LLM checkpoint (``args``, no ``mindlora``) gets the same metadata,
+    derived by :class:`mindlora.checkpoint.megatron_lm.LegacyLayout` (``meta["source"]`` is
+    ``"megatron"``).
 
     Args:
         iteration: which iteration; default: the one ``latest_checkpointed_iteration.txt`` names.
+        hf_config_dir: folder of the HF config.json that fills in what Megatron ``args`` lack
+            (rope scaling, true vocab size); unused for mindlora checkpoints.
     """
     if iteration is None:
         iteration = read_tracker(load_dir)
     pp = find_pp_size(load_dir, iteration)
     path = rank_file_path(load_dir, iteration, 0, 0, pp)
-    return iteration, validate_meta(load_rank_file(path).get("mindlora"), path)
+    payload = load_rank_file(path)
+    if "mindlora" not in payload and "args" in payload:
+        from mindlora.checkpoint.megatron_lm import LegacyLayout
+        return iteration, LegacyLayout(load_dir, iteration, hf_config_dir).metas[0, 0]
+    return iteration, validate_meta(payload.get("mindlora"), path)
 
 
 def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[int],
                      pre_process: bool, post_process: bool, tie_word_embeddings: bool,
-                     padded_vocab_size: int, iteration: Optional[Iteration] = None
-                     ) -> dict[str, torch.Tensor]:
+                     padded_vocab_size: int, iteration: Optional[Iteration] = None,
+                     hf_config_dir: Optional[str] = None) -> dict[str, torch.Tensor]:
     """State dict of one model chunk in the *target* layout, from a checkpoint of any layout.
 
     Reads only the source rank files that hold ``layer_ids`` (memory-mapped), gathers each tensor
@@ -222,10 +254,11 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
         tie_word_embeddings: the model ties the output layer to the embedding; a last stage
             without the embedding then gets ``output_layer.weight`` as a copy of it.
         padded_vocab_size: vocabulary rows of the target model (all TP ranks together).
+        hf_config_dir: HF config.json folder for Megatron-LM checkpoints (see :func:`read_meta`).
     """
     from mindlora.checkpoint.reshard import MegatronReader, shard_tensor
 
-    reader = MegatronReader(load_dir, iteration)
+    reader = MegatronReader(load_dir, iteration, hf_config_dir)
     if reader.model_config.tie_word_embeddings != tie_word_embeddings:
         raise ValueError(f"{load_dir}: checkpoint has tie_word_embeddings="
                          f"{reader.model_config.tie_word_embeddings}, model has "

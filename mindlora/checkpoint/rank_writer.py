@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from mindlora.checkpoint.megatron_format import allow_megatron_args
+
 Path = tuple
 
 
@@ -52,6 +54,7 @@ def _locate(path: str) -> dict[Path, int]:
     reader = torch._C.PyTorchFileReader(path)
     records = [n for n in reader.get_all_records() if n.startswith("data/")]
     offsets = sorted(reader.get_record_offset(n) for n in records)
+    allow_megatron_args()  # the Megatron ``args`` in the skeleton
     loaded = _tensors(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     ptrs = sorted((t.untyped_storage().data_ptr(), key) for key, t in loaded.items())
     if len(ptrs) != len(offsets):

@@ -12,6 +12,7 @@ directory, and ``latest`` still names the previous, complete checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mindlora.checkpoint import megatron_format as fmt
+from mindlora.checkpoint.megatron_lm import megatron_args
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
 from mindlora.runtime.rng import capture_rng_state, restore_rng_state
@@ -46,15 +48,17 @@ def _lora_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: ModelConfig,
-                 parallel: ParallelConfig, iteration=None) -> dict[str, torch.Tensor]:
-    """This rank's chunk ``vp_stage`` read from a checkpoint of any layout (resharded)."""
+                 parallel: ParallelConfig, iteration=None, hf_config_dir: Optional[str] = None
+                 ) -> dict[str, torch.Tensor]:
+    """This rank's chunk ``vp_stage`` read from a checkpoint of any layout (resharded); a
+    Megatron-LM checkpoint's args are completed by ``hf_config_dir``'s config.json."""
     tp = parallel.tensor_model_parallel_size
     return fmt.load_model_shard(
         load_dir, tp, parallel_state.get_tensor_model_parallel_rank(),
         chunk_layer_ids(model, parallel, parallel_state.get_pipeline_model_parallel_rank(),
                         vp_stage),
         chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
-        padded_vocab_size(model, tp), iteration=iteration)
+        padded_vocab_size(model, tp), iteration=iteration, hf_config_dir=hf_config_dir)
 
 
 def _rng_state() -> dict:
@@ -88,6 +92,11 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
             padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
             tp_rank=tp_rank, pp_rank=pp_rank)
         payload = {k: _lora_state(c) for k, c in zip(keys, chunks)}
+        payload["args"] = megatron_args(
+            "adapter", model, parallel.tensor_model_parallel_size, pp, vpp,
+            parallel.layers_per_stage(model.num_layers),
+            padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
+            state.iteration)  # what Megatron-LM / MindSpeed-LLM tools read
         payload.update({
             "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": state.iteration,
             "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,
@@ -109,7 +118,13 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
 def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfig) -> None:
     errors = []
     saved_model = ModelConfig.from_dict(meta["model_config"])
-    if saved_model != model:
+    if meta.get("source") == "megatron":  # args describe the shape only: compare that
+        fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_query_groups", "kv_channels")
+        same = all(getattr(saved_model, f) == getattr(model, f) for f in fields)
+    else:
+        same = saved_model == model
+    if not same:
         errors.append(f"it was trained on another base model ({saved_model.family}, "
                       f"{saved_model.num_layers} layers, hidden {saved_model.hidden_size}) than "
                       f"--load ({model.family}, {model.num_layers} layers, hidden "
@@ -125,21 +140,38 @@ def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfi
         raise ValueError(f"--lora-load {path}: " + "; ".join(errors))
 
 
+def saved_lora_structure(lora_load: str, lora: LoRAConfig, hf_config_dir: Optional[str] = None
+                         ) -> LoRAConfig:
+    """``lora`` (the flags) with the rank-stacked structure (``ranks``, ``scalings``) of the
+    adapter in ``lora_load``, so the model is built to hold it; flags are checked on load."""
+    _, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
+    saved = meta.get("lora_config") or {}
+    ranks = {k: v for k, v in (saved.get("ranks") or {}).items() if k in lora.target_modules}
+    scalings = {k: v for k, v in (saved.get("scalings") or {}).items()
+                if k in lora.target_modules}
+    return dataclasses.replace(lora, ranks=ranks, scalings=scalings)
+
+
 def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
                  optimizer: Optional[torch.optim.Optimizer], model: ModelConfig,
-                 lora: LoRAConfig, parallel: ParallelConfig, finetune: bool
-                 ) -> tuple[TrainState, Optional[dict]]:
+                 lora: LoRAConfig, parallel: ParallelConfig, finetune: bool,
+                 hf_config_dir: Optional[str] = None) -> tuple[TrainState, Optional[dict]]:
     """Restore an adapter checkpoint; returns (train state, loss-scaler state or None).
 
     With ``finetune`` only the weights are taken (from any TP x PP layout, resharded) and the run
     starts at iteration 0. Otherwise the run continues exactly, which needs the same TP x PP
-    layout (the data-parallel size may change).
+    layout (the data-parallel size may change). A MindSpeed-LLM / Megatron-LM LoRA checkpoint
+    (``args``, ``lora_A.default.weight`` keys) is read with ``finetune`` only.
     """
-    iteration, meta = fmt.read_meta(lora_load)
+    iteration, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
     if meta["kind"] != "adapter":
         raise ValueError(f"--lora-load {lora_load} holds a {meta['kind']} checkpoint, not an "
                          f"adapter (pass base weights with --load)")
     _check_compatible(meta, lora_load, model, lora)
+    if meta.get("source") == "megatron" and not finetune:
+        raise ValueError(f"--lora-load {lora_load} is a MindSpeed-LLM / Megatron-LM LoRA "
+                         f"checkpoint: its optimizer and RNG state are not mindlora's, so it can "
+                         f"only start a new run from its weights: add --finetune")
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -149,7 +181,7 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     if finetune:
         for v, chunk in enumerate(chunks):
             _load_lora_weights(chunk, _chunk_shard(lora_load, chunk, v, model, parallel,
-                                                   iteration), lora_load)
+                                                   iteration, hf_config_dir), lora_load)
         return TrainState(), None
     if not same_layout:
         raise ValueError(
@@ -185,10 +217,11 @@ def _load_lora_weights(chunk: torch.nn.Module, sd: dict[str, torch.Tensor], wher
 
 
 def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
-              parallel: ParallelConfig) -> None:
-    """Load the frozen base weights of this rank's chunks from a checkpoint of any layout."""
+              parallel: ParallelConfig, hf_config_dir: Optional[str] = None) -> None:
+    """Load the frozen base weights of this rank's chunks from a checkpoint of any layout
+    (mindlora's, or Megatron-LM / MindSpeed-LLM's: see mindlora.checkpoint.megatron_lm)."""
     for v, chunk in enumerate(chunks):
-        sd = _chunk_shard(load_dir, chunk, v, model, parallel)
+        sd = _chunk_shard(load_dir, chunk, v, model, parallel, hf_config_dir=hf_config_dir)
         own = {k for k in chunk.state_dict() if not k.endswith("_extra_state") and not _is_lora(k)}
         missing = sorted(own - set(sd))
         if missing:

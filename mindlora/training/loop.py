@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
+from mindlora.lora.blocks import keep_block_structure
 from mindlora.models.builder import build_model, parameter_report, transformer_config
 from mindlora.runtime import init_distributed, init_parallel
 from mindlora.runtime.device import to_device
@@ -58,7 +59,7 @@ def _forward_step(data_iterator, model):
 
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     """Model architecture from the base checkpoint; check optional architecture flags against it."""
-    _, meta = fmt.read_meta(run.train.load)
+    _, meta = fmt.read_meta(run.train.load, hf_config_dir=run.data.tokenizer_name_or_path)
     model = ModelConfig.from_dict(meta["model_config"])
     arch = dict(run.arch_overrides)
     vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)
@@ -110,8 +111,15 @@ class Trainer:
                                     t.recompute_num_layers)
         config.finalize_model_grads_func = finalize_grads
         config.grad_scale_func = (lambda loss: loss * self.scaler.scale) if t.fp16 else None
-        self.chunks = build_model(self.model_cfg, self.parallel, run.lora, self.dtype, config)
-        ckpt.load_base(t.load, self.chunks, self.model_cfg, self.parallel)
+        hf_dir = run.data.tokenizer_name_or_path
+        # an imported PEFT adapter may stack q/k/v factors: build and train with its structure
+        self.lora = ckpt.saved_lora_structure(t.lora_load, run.lora, hf_dir) if t.lora_load \
+            else run.lora
+        self.chunks = build_model(self.model_cfg, self.parallel, self.lora, self.dtype, config)
+        ckpt.load_base(t.load, self.chunks, self.model_cfg, self.parallel, hf_config_dir=hf_dir)
+        keep_block_structure(self.chunks, self.lora, self.model_cfg,
+                             self.parallel.tensor_model_parallel_size,
+                             parallel_state.get_tensor_model_parallel_rank())
         self.params = lora_parameters(self.chunks)
         self.optimizer = make_optimizer(self.params, t.lr, t.weight_decay,
                                         (t.adam_beta1, t.adam_beta2), t.adam_eps)
@@ -124,7 +132,7 @@ class Trainer:
         if t.lora_load:
             self.state, scaler_state = ckpt.load_adapter(
                 t.lora_load, self.chunks, None if t.finetune else self.optimizer,
-                self.model_cfg, run.lora, self.parallel, t.finetune)
+                self.model_cfg, self.lora, self.parallel, t.finetune, hf_config_dir=hf_dir)
             if scaler_state:
                 self.scaler.load_state_dict(scaler_state)
         self.order = SampleOrder(len(self.data.train), t.seed)
@@ -218,7 +226,7 @@ class Trainer:
     def save(self) -> None:
         t = self.run.train
         path = ckpt.save_adapter(t.save, self.state, self.chunks, self.optimizer,
-                                 self.scaler.state_dict(), self.model_cfg, self.run.lora,
+                                 self.scaler.state_dict(), self.model_cfg, self.lora,
                                  self.parallel, self.dtype)
         self.log(f"> saved adapter checkpoint at iteration {self.state.iteration} to {path}")
 

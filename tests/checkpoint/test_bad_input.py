@@ -102,7 +102,7 @@ def test_adapter_that_does_not_match(hf_models, tmp_path, capsys):
     liar = LoRAConfig(r=8, alpha=8.0)
     bad = write_adapter(str(tmp_path / "bad"), cfg, liar, random_adapter(cfg, lora), tp=2, pp=1)
     err = _cli(capsys, *common[:-1], bad)
-    assert "r=8 expects A (8, 64)" in err
+    assert "rank 8 expects A (8, 64)" in err
     assert not os.path.exists(tmp_path / "out")
 
 

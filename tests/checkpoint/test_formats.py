@@ -70,13 +70,20 @@ def test_rank_file_atomic_write_and_meta(tmp_path):
     assert it == 3 and got["params_dtype"] == "bfloat16" and got["pp"] == 2
 
 
-def test_megatron_lm_checkpoint_is_refused_clearly(tmp_path):
-    root = str(tmp_path)
+def test_foreign_checkpoints_without_usable_args_are_refused_clearly(tmp_path):
+    root = str(tmp_path / "a")
     path = mf.rank_file_path(root, "release", 0, 0, 1)
     mf.write_rank_file(path, {"model": {"x": torch.zeros(1)},
                               "args": argparse.Namespace(tensor_model_parallel_size=1)})
     mf.write_tracker(root, "release")
-    with pytest.raises(ValueError, match=r"mp_rank_00/model_optim_rng.pt has no 'mindlora'"):
+    with pytest.raises(ValueError, match=r"Megatron args in .*mp_rank_00/model_optim_rng.pt:\n"
+                                         r"  - args.num_layers is missing"):
+        mf.read_meta(root)
+    root = str(tmp_path / "b")
+    mf.write_rank_file(mf.rank_file_path(root, "release", 0, 0, 1), {"model": {}})
+    mf.write_tracker(root, "release")
+    with pytest.raises(ValueError, match=r"mp_rank_00/model_optim_rng.pt has neither 'mindlora' "
+                                         r"metadata nor Megatron 'args'"):
         mf.read_meta(root)
 
 

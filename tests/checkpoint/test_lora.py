@@ -131,14 +131,3 @@ def test_import_of_a_peft_made_adapter(hf_models, tmp_path):
                 lora_load=imported, save_dir=merged)
     torch.testing.assert_close(hf_logits(merged, IDS), hf_logits(src, IDS, adapter=peft_dir),
                                atol=ATOL, rtol=0)
-
-
-def test_import_refuses_separate_qkv_a_factors(hf_models, tmp_path):
-    src = hf_models["qwen2"]
-    peft_dir, out = str(tmp_path / "peft"), str(tmp_path / "out")
-    _peft_adapter(src, peft_dir, share_a=False)
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors layer 0: lora_A of "
-                                         r"self_attn.q_proj and self_attn.v_proj differ"):
-        run_convert(load_model_type="hf", save_model_type="mg", load_dir=src,
-                    model_type_hf="qwen2", load_lora_from_hf=peft_dir, save_dir=out)
-    assert not os.path.exists(out)

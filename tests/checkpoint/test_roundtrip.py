@@ -46,6 +46,7 @@ def test_rank_file_contents_follow_the_contract(hf_models, tmp_path):
                 model_type_hf="qwen2", target_tensor_parallel_size=2,
                 target_pipeline_parallel_size=2, num_layer_list=[1, 3])
     assert open(os.path.join(root, mf.TRACKER)).read() == "1"
+    import megatron.core  # noqa: F401  registers argparse.Namespace (Megatron 'args') as safe
     first = torch.load(mf.rank_file_path(root, 1, 1, 0, 2), weights_only=True)
     last = torch.load(mf.rank_file_path(root, 1, 0, 1, 2), weights_only=True)
     assert first["mindlora"]["layer_ids"] == {"model": [0]}

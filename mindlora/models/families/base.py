@@ -226,3 +226,49 @@ def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
             "linear_proj": (cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels),
             "linear_fc1": (2 * cfg.ffn_hidden_size, cfg.hidden_size),
             "linear_fc2": (cfg.hidden_size, cfg.ffn_hidden_size)}[target]
+
+
+def module_widths(cfg: ModelConfig, target: str) -> list[int]:
+    """Output rows of each HF module a LoRA target covers (q, k, v / gate, up / o / down)."""
+    d, g = cfg.kv_channels, cfg.num_query_groups
+    return {"linear_qkv": [cfg.num_attention_heads * d, g * d, g * d],
+            "linear_proj": [cfg.hidden_size],
+            "linear_fc1": [cfg.ffn_hidden_size, cfg.ffn_hidden_size],
+            "linear_fc2": [cfg.hidden_size]}[target]
+
+
+def _fuse_rows(cfg: ModelConfig, target: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    if target == "linear_qkv":
+        return interleave_qkv(*parts, cfg.num_query_groups)
+    return torch.cat(list(parts), dim=0)
+
+
+def stack_lora_b(cfg: ModelConfig, target: str, bs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rank-stacked B of a fused target from its modules' B factors: module m's rows hold B_m in
+    m's own column block and zeros elsewhere, so ``B @ [A_1; A_2; ...]`` gives each module
+    exactly ``B_m @ A_m``."""
+    total = sum(b.shape[1] for b in bs)
+    parts, start = [], 0
+    for b in bs:
+        part = b.new_zeros(b.shape[0], total)
+        part[:, start:start + b.shape[1]] = b
+        parts.append(part)
+        start += b.shape[1]
+    return _fuse_rows(cfg, target, parts)
+
+
+def split_lora_b(cfg: ModelConfig, target: str, b: torch.Tensor, ranks: Sequence[int]
+                 ) -> list[torch.Tensor]:
+    """Inverse of :func:`stack_lora_b`: each module's rows, its own column block (copies)."""
+    if target == "linear_qkv":
+        rows = list(split_qkv(b, cfg.num_query_groups, cfg.num_attention_heads, cfg.kv_channels))
+    else:
+        rows = list(b.split(module_widths(cfg, target), dim=0))
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    return [r[:, s:s + n].contiguous() for r, s, n in zip(rows, starts, ranks)]
+
+
+def lora_block_mask(cfg: ModelConfig, target: str, ranks: Sequence[int]) -> torch.Tensor:
+    """0/1 mask ``[out, sum(ranks)]`` of a rank-stacked B's blocks (1 = module's own block)."""
+    return stack_lora_b(cfg, target, [torch.ones(w, r) for w, r in
+                                      zip(module_widths(cfg, target), ranks)])
