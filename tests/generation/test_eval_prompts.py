@@ -5,7 +5,7 @@ the answers. The samples written at the last iteration must equal what ``mindlor
 produces offline (KV cache, no sequence parallelism) from the adapter saved at that iteration,
 and differ from the base model's. The training-time samples come from the live model (TP2 +
 sequence parallel: no cache, padded to the TP size; PP2: activations passed between stages).
-TensorBoard text is not tested here: the tensorboard package is not installed in this venv.
+TensorBoard text goes to a stand-in writer (the tensorboard package is not installed here).
 """
 from __future__ import annotations
 
@@ -54,6 +54,22 @@ def _train_with_samples(rank, world, base, adapter, data, prompts, save, layout)
     records = read_prompt_file(prompts)
     offline = gen.generate(chat.encode(records), SamplingConfig(max_new_tokens=6))
     assert [g.token_ids for g in offline] == [r["token_ids"] for r in rows[2:]]
+    # TensorBoard text (through a stand-in writer: tensorboard is not installed here).
+    from mindlora.training.samples import SampleAnswers
+
+    class Writer:
+        calls: list = []
+
+        def add_text(self, tag, text, step):
+            self.calls.append((tag, text, step))
+
+    writer = Writer()
+    run = parse_args(flags[:flags.index("--save")] + flags[flags.index("--save") + 2:])
+    again = SampleAnswers(run, loaded.chunks, loaded.model, lambda m: None, writer).write(9)
+    if rank == 0:
+        assert [r["token_ids"] for r in again] == [r["token_ids"] for r in rows[2:]]
+        assert writer.calls and writer.calls[0][0] == "sample answers"
+        assert writer.calls[0][2] == 9 and "What is 3 + 4?" in writer.calls[0][1]
     # ... and the adapter matters: the base model alone answers otherwise.
     alone = load_for_generation(base, None, ParallelConfig(tensor_model_parallel_size=tp,
                                                            pipeline_model_parallel_size=pp))
