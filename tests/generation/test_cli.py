@@ -11,25 +11,8 @@ import pytest
 from mindlora.config import LoRAConfig
 from tests.checkpoint.conftest import random_adapter, write_adapter
 from tests.distributed.harness import spawn
-from tests.generation.conftest import MAX_POS, hf_greedy
+from tests.generation.conftest import MAX_POS, PROMPTS, ROOT, hf_greedy
 from tests.training.fixtures import tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROMPTS = [
-    {"prompt": "What is 12 + 7?", "id": "a"},
-    {"messages": [{"role": "system", "content": "Answer briefly."},
-                  {"role": "user", "content": "hello"},
-                  {"role": "assistant", "content": "hi there"},
-                  {"role": "user", "content": "and 3 + 4?"}]},
-    {"prompt": "def add(a, b):"},
-]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> str:
-    from mindlora.data.toy import build_toy_tokenizer
-
-    return build_toy_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=300)
 
 
 def _env() -> dict:
