@@ -129,6 +129,12 @@ def interactive(gen: Generator, chat: ChatFormat, cfg: GenerateConfig, out: Text
         record = PromptRecord({"messages": history + [{"role": "user", "content": text}]},
                               "interactive")
         ids = chat.encode([record])
+        try:  # every rank sees the same ids, so every rank takes the same branch
+            check_prompt_lengths(ids, gen.max_positions, ["interactive"])
+        except ValueError as e:
+            if rank0:
+                out.write(f"{e} (/clear starts a new conversation)\n")
+            continue
         shown: list[str] = [""]
         answer: list[int] = []
 

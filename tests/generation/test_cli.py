@@ -53,9 +53,10 @@ def test_cli_jsonl_in_and_out_equals_hf(assets, tokenizer, tmp_path):
 def test_cli_interactive_streams_and_keeps_the_conversation(assets, tokenizer):
     res = _cli("--load", assets.mg, "--tokenizer-name-or-path", tokenizer, "--prompt-type",
                "qwen", "--max-new-tokens", "6", "--interactive",
-               stdin="hello\n\n/clear\nwhat is 2 + 2?\nexit\n")
+               stdin="hello\n\n/clear\nwhat is 2 + 2?\n" + "1 2 3 4 " * 40 + "\nexit\n")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count(">>> ") == 5 and res.stdout.count("tokens/s]") == 2
+    assert res.stdout.count(">>> ") == 6 and res.stdout.count("tokens/s]") == 2
+    assert "interactive: the prompt has" in res.stdout  # too long: said, and the chat goes on
     assert "base model, no adapter" in res.stderr
 
 
@@ -65,6 +66,11 @@ def test_cli_flag_errors(assets, tokenizer):
     assert res.returncode == 2
     assert "--max-new-tokens (0) must be >= 1" in res.stderr
     assert "--top-p (0.0) must be in (0, 1]" in res.stderr
+    res = _cli("--load", assets.mg, "--tokenizer-name-or-path", tokenizer, "--prompt-type",
+               "qwen", "--lora-fusion", "--interactive", "--output", "a.jsonl")
+    assert res.returncode == 2
+    assert "--lora-fusion needs --lora-load" in res.stderr
+    assert "--output goes with --prompts" in res.stderr
 
 
 def _bad_inputs(rank, world, assets, tokenizer, other_adapter, prompts_file):

@@ -4,7 +4,8 @@ The run starts from a random adapter (``--lora-load --finetune``) so that LoRA v
 the answers. The samples written at the last iteration must equal what ``mindlora.generation``
 produces offline (KV cache, no sequence parallelism) from the adapter saved at that iteration,
 and differ from the base model's. The training-time samples come from the live model (TP2 +
-sequence parallel: no cache, padded to the TP size; PP2: activations passed between stages).
+sequence parallel: no cache, padded to the TP size; PP2: activations passed between stages;
+interleaved PP2 x 2 virtual stages: activations wrap from the last stage back to the first).
 TensorBoard text goes to a stand-in writer (the tensorboard package is not installed here).
 """
 from __future__ import annotations
@@ -83,7 +84,9 @@ def _train_with_samples(rank, world, base, adapter, data, prompts, save, layout)
     ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
      "--sequence-parallel"],
     ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"],
-], ids=["tp2-sp", "pp2"])
+    ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+     "--num-layers-per-virtual-pipeline-stage", "1"],
+], ids=["tp2-sp", "pp2", "pp2-vpp2"])
 def test_eval_prompts_write_samples(tmp_path, layout):
     data, vocab = preprocess_alpaca(str(tmp_path / "alpaca"), n=48)
     model = tiny_model(vocab_size=vocab)
