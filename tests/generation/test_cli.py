@@ -73,6 +73,39 @@ def test_cli_flag_errors(assets, tokenizer):
     assert "--output goes with --prompts" in res.stderr
 
 
+def _data_parallel(rank, world, assets, tokenizer, prompts, out, expect):
+    from mindlora.generation.args import parse_args
+    from mindlora.generation.cli import run
+
+    rows = run(parse_args(["--load", assets.mg, "--lora-load", assets.adapter,
+                           "--tokenizer-name-or-path", tokenizer, "--prompt-type", "qwen3",
+                           "--max-new-tokens", "10", "--prompts", prompts, "--output", out,
+                           "--micro-batch-size", "1"]), log=lambda m: None)
+    if rank == 0:
+        assert [r["token_ids"] for r in rows] == expect
+        assert [r.get("id") for r in rows] == [p.get("id") for p in PROMPTS]
+    else:
+        assert rows is None
+
+
+def test_data_parallel_replicas_share_the_prompts(assets, tokenizer, tmp_path):
+    """Two processes at TP1 x PP1: two replicas, each answers every other prompt; rank 0 writes
+    all of them, in input order, equal to HF + PEFT."""
+    from mindlora.data.tokenizer import load_tokenizer
+    from mindlora.generation.prompts import ChatFormat, PromptRecord
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    chat = ChatFormat(load_tokenizer(tokenizer), "qwen3")
+    ids = chat.encode([PromptRecord(p, "x") for p in PROMPTS])
+    eos = chat.stop_sequences()[0][0]
+    expect = [ref[:ref.index(eos) + 1] if eos in ref else ref
+              for ref in hf_greedy(assets.hf, ids, 10, peft_dir=assets.peft)]
+    out = str(tmp_path / "answers.jsonl")
+    spawn(_data_parallel, 2, assets, tokenizer, str(src), out, expect)
+    assert len(open(out).read().splitlines()) == len(PROMPTS)
+
+
 def _bad_inputs(rank, world, assets, tokenizer, other_adapter, prompts_file):
     from mindlora.config import ParallelConfig
     from mindlora.generation.args import parse_args
