@@ -92,6 +92,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GenerateConfig:
         errors.append("--bf16 and --fp16 are mutually exclusive")
     if ns.micro_batch_size < 1:
         errors.append(f"--micro-batch-size ({ns.micro_batch_size}) must be >= 1")
+    if ns.lora_fusion and not ns.lora_load:
+        errors.append("--lora-fusion needs --lora-load (it changes how LoRA layers communicate)")
     if ns.interactive and ns.output:
         errors.append("--output goes with --prompts; --interactive prints to the terminal")
     fail_if(errors, "flags")

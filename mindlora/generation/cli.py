@@ -13,10 +13,11 @@ import tempfile
 from typing import Callable, Optional, TextIO
 
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from mindlora.data.tokenizer import load_tokenizer
 from mindlora.generation.args import GenerateConfig
-from mindlora.generation.engine import Generator, check_prompt_lengths
+from mindlora.generation.engine import Generation, Generator, check_prompt_lengths
 from mindlora.generation.loading import load_for_generation, read_model_config
 from mindlora.generation.prompts import ChatFormat, PromptRecord, read_prompt_file
 from mindlora.runtime import init_distributed
@@ -71,13 +72,31 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] = print,
         interactive(gen, chat, cfg, stdout or sys.stdout)
         return None
     records, ids = encoded
-    results = gen.generate(ids, cfg.sampling, names=[r.where for r in records])
+    results = generate_data_parallel(gen, ids, cfg, [r.where for r in records])
     if dist.get_rank() != 0:
         return None
     rows = [dict(r.fields, answer=chat.answer_text(g.token_ids), token_ids=g.token_ids,
                  tokens_per_s=round(g.tokens_per_s, 2)) for r, g in zip(records, results)]
     write_jsonl(rows, cfg.output, stdout or sys.stdout)
     return rows
+
+
+def generate_data_parallel(gen: Generator, ids: list[list[int]], cfg: GenerateConfig,
+                           names: list[str]) -> list[Generation]:
+    """Prompts dealt round-robin over the data-parallel replicas, answers gathered in order.
+
+    With world size = TP x PP (one replica) this is ``gen.generate``. Every rank of a replica
+    generates the same answers; the all-gather collects them (duplicates are identical).
+    """
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return gen.generate(ids, cfg.sampling, names=names)
+    mine = list(range(parallel_state.get_data_parallel_rank(), len(ids), dp))
+    results = gen.generate([ids[i] for i in mine], cfg.sampling, names=[names[i] for i in mine])
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(zip(mine, results)))
+    by_index = {i: g for part in gathered for i, g in part}
+    return [by_index[i] for i in range(len(ids))]
 
 
 def write_jsonl(rows: list[dict], path: Optional[str], stdout: TextIO) -> None:
@@ -129,6 +148,12 @@ def interactive(gen: Generator, chat: ChatFormat, cfg: GenerateConfig, out: Text
         record = PromptRecord({"messages": history + [{"role": "user", "content": text}]},
                               "interactive")
         ids = chat.encode([record])
+        try:  # every rank sees the same ids, so every rank takes the same branch
+            check_prompt_lengths(ids, gen.max_positions, ["interactive"])
+        except ValueError as e:
+            if rank0:
+                out.write(f"{e} (/clear starts a new conversation)\n")
+            continue
         shown: list[str] = [""]
         answer: list[int] = []
 

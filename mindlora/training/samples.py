@@ -46,8 +46,7 @@ class SampleAnswers:
         check_prompt_lengths(self.ids, model.max_position_embeddings,
                              [r.where for r in self.records])
         self.generator = Generator(chunks, model.vocab_size, model.max_position_embeddings,
-                                   self.chat.stop_sequences(), self.chat.tok.pad_id,
-                                   max_batch_size=len(self.ids))
+                                   self.chat.stop_sequences(), self.chat.tok.pad_id)
         self.sampling = SamplingConfig(max_new_tokens=t.eval_max_new_tokens)
         self.path = os.path.join(t.save, SAMPLES_FILE) if t.save else None
         self.log, self.tensorboard = log, tensorboard
