@@ -45,7 +45,7 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] = print,
     init_distributed()
     tok = load_tokenizer(cfg.tokenizer)
     chat = ChatFormat(tok, cfg.prompt_type, cfg.enable_thinking, cfg.prompt_type_path)
-    max_positions = read_model_config(cfg.load).max_position_embeddings
+    max_positions = read_model_config(cfg.load, cfg.tokenizer).max_position_embeddings
     encoded = None
     if not cfg.interactive:
         def read() -> tuple[list[PromptRecord], list[list[int]]]:
@@ -59,7 +59,7 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] = print,
             "parallelism (a one-token decode step cannot be split along the sequence); the "
             "weights and the answers are the same")
     loaded = load_for_generation(cfg.load, cfg.lora_load, cfg.parallel, cfg.dtype,
-                                 cfg.lora_fusion, cfg.sampling.seed)
+                                 cfg.lora_fusion, cfg.sampling.seed, hf_config_dir=cfg.tokenizer)
     if tok.vocab_size > loaded.model.vocab_size:
         raise ValueError(f"--tokenizer-name-or-path {cfg.tokenizer} has {tok.vocab_size} ids but "
                          f"the model in --load {cfg.load} only {loaded.model.vocab_size}: "
