@@ -6,15 +6,9 @@ loss-scaler state, RNG states, the iteration and the data position, plus the ``m
 never written.
 
 Crash safety: every writer puts its file under ``<save>/.iter_XXXXXXX.tmp/`` (temp file, fsync,
-rename, fsync of the directory); the ranks agree that all writes succeeded; rank 0 then moves the
-directory into place and only then rewrites ``latest_checkpointed_iteration.txt`` (temp, fsync,
-rename). Rewriting an existing iteration swaps the two directories atomically (Linux
-``renameat2(RENAME_EXCHANGE)``); where the file system cannot, the old one is renamed aside
-first, and if the tracker named it, the tracker is first pointed at the newest other
-checkpoint (or removed when there is none). So at no instant does the tracker name a missing or
-partial directory; a run killed mid-save leaves at most stale ``.tmp``/``.old`` directories,
-removed by the next save. A failed write (disk full ...) fails every rank with one message and
-leaves the previous checkpoint untouched.
+rename, fsync of the directory); the ranks agree that all writes succeeded (a failed write, e.g.
+a full disk, fails every rank with one message and leaves the previous checkpoint untouched);
+rank 0 then publishes the directory and the tracker (``durable.publish``).
 
 RNG: data-parallel ranks draw different dropout masks once their batches differ (different
 samples, and lengths with ``--no-pad-to-seq-lengths``), so each DP rank's RNG state is saved
@@ -22,8 +16,6 @@ samples, and lengths with ``--no-pad-to-seq-lengths``), so each DP rank's RNG st
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -37,6 +29,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
+from mindlora.training import durable
 
 
 @dataclass
@@ -83,23 +76,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class CheckpointWriteError(OSError):
-    """A save failed on some rank (disk full, permissions ...); the previous checkpoint is intact."""
-
-
-def _hook(stage: str, path: str) -> None:
-    """Fault-injection seam for the reliability tests (no-op): called inside a save at ``stage``
-    (``rank_file_written`` on every writer, ``renamed_aside`` on rank 0 in the fallback swap)."""
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _dp_rng_states() -> list[dict]:
     """Every data-parallel rank's RNG state, indexed by DP rank (collective over DP)."""
     states: list = [None] * parallel_state.get_data_parallel_world_size()
@@ -141,19 +117,20 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
             "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,
             "rng_state": rng_states, "train_state": vars(state).copy(),
         })
+        payload["content_sha256"] = durable.content_digest(payload)
         path = os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp), fmt.RANK_FILE)
         try:
             fmt.write_rank_file(path, payload)
-            _fsync_dir(os.path.dirname(path))
-            _hook("rank_file_written", path)
+            durable.fsync_dir(os.path.dirname(path))
+            durable.fault_point("rank_file_written", path)
         except OSError as e:
             failure = f"{path}: {e.strerror or e}"
     _raise_if_any_failed(failure, save_dir, tmp_root, state.iteration)
     final = os.path.join(save_dir, name)
     if dist.get_rank() == 0:
-        _publish(save_dir, tmp_root, final, state.iteration)
+        durable.publish(save_dir, tmp_root, final, state.iteration)
         if keep:
-            prune(save_dir, keep)
+            durable.prune(save_dir, keep)
     dist.barrier()
     return final
 
@@ -175,82 +152,9 @@ def _raise_if_any_failed(failure: str, save_dir: str, tmp_root: str, iteration: 
     except (OSError, ValueError):
         previous = "none"
     where = failure or "another rank failed to write its part"
-    raise CheckpointWriteError(f"saving checkpoint iteration {iteration} to {save_dir} failed: "
-                               f"{where}; the previous checkpoint ({previous}) is untouched")
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _iterations(save_dir: str) -> list[int]:
-    """Iterations with a published directory (only ever created by renaming a complete one)."""
-    out = []
-    for entry in os.listdir(save_dir):
-        if entry.startswith("iter_") and entry[5:].isdigit():
-            out.append(int(entry[5:]))
-    return sorted(out)
-
-
-def _tracked(save_dir: str):
-    try:
-        return fmt.read_tracker(save_dir)
-    except (OSError, ValueError):
-        return None
-
-
-def _publish(save_dir: str, tmp_root: str, final: str, iteration: int) -> None:
-    """Move a complete ``tmp_root`` to ``final``, then point the tracker at it (rank 0)."""
-    _fsync_dir(tmp_root)
-    aside = None
-    if not os.path.exists(final):
-        os.rename(tmp_root, final)
-    elif _exchange(tmp_root, final):
-        aside = tmp_root  # now holds the replaced checkpoint
-    else:
-        aside = f"{tmp_root[:-len('.tmp')]}.old"
-        shutil.rmtree(aside, ignore_errors=True)
-        if _tracked(save_dir) == iteration:
-            older = [i for i in _iterations(save_dir) if i != iteration]
-            if older:
-                fmt.write_tracker(save_dir, older[-1])
-            else:
-                os.unlink(os.path.join(save_dir, fmt.TRACKER))
-            _fsync_dir(save_dir)
-        os.rename(final, aside)
-        _hook("renamed_aside", aside)
-        os.rename(tmp_root, final)
-    _fsync_dir(save_dir)
-    fmt.write_tracker(save_dir, iteration)
-    _fsync_dir(save_dir)
-    if aside:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
-def prune(save_dir: str, keep: int) -> list[int]:
-    """Remove all but the newest ``keep`` checkpoints, never the tracked one; returns removed."""
-    tracked = _tracked(save_dir)
-    removed = []
-    for it in _iterations(save_dir)[:-keep]:
-        if it != tracked:
-            shutil.rmtree(os.path.join(save_dir, fmt.iteration_dir_name(it)))
-            removed.append(it)
-    for entry in os.listdir(save_dir):  # leftovers of saves killed midway
-        if entry.startswith(".iter_") and entry.endswith((".tmp", ".old")):
-            shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
-    return removed
+    raise durable.CheckpointWriteError(
+        f"saving checkpoint iteration {iteration} to {save_dir} failed: {where}; the previous "
+        f"checkpoint ({previous}) is untouched")
 
 
 def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfig) -> None:
@@ -297,6 +201,8 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     keys = fmt.chunk_keys(vpp)
     same_layout = (meta["tp"], meta["pp"], meta.get("vpp")) == (tp, pp, vpp)
     if finetune:
+        for rank_path in durable.rank_files(lora_load, iteration):  # adapters are small: check all
+            durable.verify_content(fmt.load_rank_file(rank_path), rank_path)
         for v, chunk in enumerate(chunks):
             _load_lora_weights(chunk, _chunk_shard(lora_load, chunk, v, model, parallel,
                                                    iteration), lora_load)
@@ -310,6 +216,7 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
             f"adapter weights, which are resharded to any layout.")
     path = fmt.rank_file_path(lora_load, iteration, tp_rank, pp_rank, pp)
     payload = fmt.load_rank_file(path, mmap=False)
+    durable.verify_content(payload, path)
     for key, chunk in zip(keys, chunks):
         _load_lora_weights(chunk, payload[key], path)
     if optimizer is not None:
@@ -353,4 +260,15 @@ def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
                 if params[k].shape != sd[k].shape:
                     raise ValueError(f"--load {load_dir}: {k} has shape {tuple(sd[k].shape)}, the "
                                      f"model expects {tuple(params[k].shape)}")
+                if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all()):
+                    raise ValueError(f"--load {_describe(load_dir)}: {k} holds NaN/Inf values; "
+                                     f"the base checkpoint is damaged (convert it again)")
                 params[k].copy_(sd[k])
+
+
+def _describe(load_dir: str) -> str:
+    """``load_dir`` and the iteration directory its tracker names (where the rank files are)."""
+    try:
+        return os.path.join(load_dir, fmt.iteration_dir_name(fmt.read_tracker(load_dir)))
+    except (OSError, ValueError):
+        return load_dir
