@@ -147,6 +147,7 @@ def _raise_if_any_failed(failure: str, save_dir: str, tmp_root: str, iteration: 
         return
     if dist.get_rank() == 0:
         shutil.rmtree(tmp_root, ignore_errors=True)
+    dist.barrier()  # every rank reports the failure only once nothing half-written is left
     try:
         previous = f"iteration {fmt.read_tracker(save_dir)}"
     except (OSError, ValueError):
