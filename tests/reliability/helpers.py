@@ -6,6 +6,7 @@ test sees exactly what a user sees: the exit status and the printed lines.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -132,3 +133,27 @@ def one_error_line(rc: int, err: str) -> str:
     assert "Traceback" not in err, err
     assert len(lines) == 1, err
     return lines[0]
+
+
+def full_disk_on(pattern: str):
+    """Make rank-file writes whose path contains ``pattern`` fail like a full disk: torch.save
+    writes some bytes, then the write raises ENOSPC (mindlora's own write path runs as usual)."""
+    from mindlora.checkpoint import megatron_format as fmt
+
+    real_write, real_save = fmt.write_rank_file, torch.save
+
+    def failing_save(obj, f, *a, **kw):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def write(path, payload):
+        if pattern not in path:
+            return real_write(path, payload)
+        torch.save = failing_save
+        try:
+            return real_write(path, payload)
+        finally:
+            torch.save = real_save
+
+    fmt.write_rank_file = write
+    return lambda: setattr(fmt, "write_rank_file", real_write)

@@ -4,7 +4,6 @@ One world-2 group runs the reference and every fault that leaves the group alive
 one rank, SIGTERM on one rank, the time limit, the save limit); the kill -9 comes last because it
 ends the group, and a second group resumes from what it left.
 """
-import errno
 import json
 import os
 import signal
@@ -14,34 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.distributed.harness import spawn
-from tests.reliability.helpers import MainRun, digest, flags, train
+from tests.reliability.helpers import MainRun, digest, flags, full_disk_on, train
 from tests.training.fixtures import tiny_model, write_base_checkpoint, write_instruction_data
 
 DYN = ("--no-pad-to-seq-lengths",)
-
-
-def _enospc_on(pattern):
-    """Make rank-file writes whose path contains ``pattern`` fail like a full disk: torch.save
-    writes some bytes, then the write raises ENOSPC (mindlora's own write path runs as usual)."""
-    from mindlora.checkpoint import megatron_format as fmt
-
-    real_write, real_save = fmt.write_rank_file, torch.save
-
-    def failing_save(obj, f, *a, **kw):
-        f.write(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def write(path, payload):
-        if pattern not in path:
-            return real_write(path, payload)
-        torch.save = failing_save
-        try:
-            return real_write(path, payload)
-        finally:
-            torch.save = real_save
-
-    fmt.write_rank_file = write
-    return lambda: setattr(fmt, "write_rank_file", real_write)
 
 
 def _faults_body(rank, world, base, data, root):
@@ -56,7 +31,7 @@ def _faults_body(rank, world, base, data, root):
             json.dump(full.losses, f)
     # 1. a full disk on rank 0 (the DP rank that writes) while saving iteration 4: every rank
     # fails with one message
-    restore = _enospc_on(".iter_0000004.tmp") if rank == 0 else (lambda: None)
+    restore = full_disk_on(".iter_0000004.tmp") if rank == 0 else (lambda: None)
     match = (r"saving checkpoint iteration 4 to .*/enospc failed: .*mp_rank_00/model_optim_rng\.pt"
              r": No space left on device; the previous checkpoint \(iteration 2\) is untouched"
              if rank == 0 else r"another rank failed to write its part; the previous checkpoint "
