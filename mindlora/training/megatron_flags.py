@@ -122,7 +122,7 @@ def add_to_parser(parser: argparse.ArgumentParser) -> None:
         else:
             allowed = f" (only {', '.join(map(str, c.allowed))})" if c.allowed else ""
             group.add_argument(c.flag, dest=dest, type=c.value_type, default=None,
-                               help=f"{label}{allowed}: {c.why}")
+                               metavar="VALUE", help=f"{label}{allowed}: {c.why}")
 
 
 def check(ns: argparse.Namespace) -> list[str]:
