@@ -6,7 +6,8 @@ A save is published in the order write, fsync, rename aside (if needed), rename 
 atomically (Linux ``renameat2(RENAME_EXCHANGE)``); where the file system cannot, the old one is
 renamed aside, and if the tracker named it, the tracker is first pointed at the newest other
 checkpoint (or removed when there is none). The tracker therefore never names a missing or
-partial directory. ``fault_point`` is the seam the reliability tests use to stall or kill a rank
+partial directory. Leftovers of saves killed midway (``.iter_*.tmp`` / ``.old``) are removed
+after the next publication. ``fault_point`` is the seam the reliability tests use to stall or kill a rank
 inside a save.
 """
 from __future__ import annotations
@@ -130,6 +131,9 @@ def publish(save_dir: str, tmp_root: str, final: str, iteration: int) -> None:
     fsync_dir(save_dir)
     if aside:
         shutil.rmtree(aside, ignore_errors=True)
+    for entry in os.listdir(save_dir):  # leftovers of saves killed midway (one job per dir)
+        if entry.startswith(".iter_") and entry.endswith((".tmp", ".old")):
+            shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
 
 
 def prune(save_dir: str, keep: int) -> list[int]:
@@ -140,9 +144,6 @@ def prune(save_dir: str, keep: int) -> list[int]:
         if it != tracked:
             shutil.rmtree(os.path.join(save_dir, fmt.iteration_dir_name(it)))
             removed.append(it)
-    for entry in os.listdir(save_dir):  # leftovers of saves killed midway
-        if entry.startswith(".iter_") and entry.endswith((".tmp", ".old")):
-            shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
     return removed
 
 

@@ -212,6 +212,18 @@ def test_save_total_limit_never_removes_the_tracked_checkpoint(tmp_path):
 
     root = str(tmp_path)
     _tree(root, [1, 2, 3, 4], tracked=2)
-    os.makedirs(f"{root}/.iter_0000005.tmp")  # left by a save killed midway
     assert durable.prune(root, 1) == [1, 3]
-    assert durable.iterations(root) == [2, 4] and not os.path.exists(f"{root}/.iter_0000005.tmp")
+    assert durable.iterations(root) == [2, 4]
+
+
+def test_publishing_removes_leftovers_of_killed_saves(tmp_path):
+    from mindlora.checkpoint import megatron_format as fmt
+    from mindlora.training import durable
+
+    root = str(tmp_path)
+    _tree(root, [1], tracked=1)
+    for stale in (".iter_0000007.tmp", ".iter_0000003.old", ".iter_0000002.tmp"):
+        os.makedirs(f"{root}/{stale}")
+    durable.publish(root, f"{root}/.iter_0000002.tmp", f"{root}/iter_0000002", 2)
+    assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000002", fmt.TRACKER]
+    assert fmt.read_tracker(root) == 2
