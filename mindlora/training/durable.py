@@ -4,11 +4,11 @@ A save is published in the order write, fsync, rename aside (if needed), rename 
 ``publish`` moves a complete temporary directory to ``iter_XXXXXXX`` and only then rewrites
 ``latest_checkpointed_iteration.txt``. Rewriting an existing iteration swaps the two directories
 atomically (Linux ``renameat2(RENAME_EXCHANGE)``); where the file system cannot, the old one is
-renamed aside, and if the tracker named it, the tracker is first pointed at the newest other
+renamed aside, and if the tracker named it, the tracker is first pointed at the newest older
 checkpoint (or removed when there is none). The tracker therefore never names a missing or
 partial directory. Leftovers of saves killed midway (``.iter_*.tmp`` / ``.old``) are removed
-after the next publication. ``fault_point`` is the seam the reliability tests use to stall or kill a rank
-inside a save.
+after the next publication. ``fault_point`` is the seam the reliability tests use to stall or
+kill a rank inside a save.
 """
 from __future__ import annotations
 
