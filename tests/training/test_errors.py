@@ -149,3 +149,31 @@ def test_bad_inputs_fail_before_training(tmp_path):
     write_meta(big, {"vocab_size": 1000, "tokenizer_path": "/elsewhere/tok"})
     spawn(_adapter_body, 1, base, data, str(tmp_path / "adapter"))
     spawn(_errors_body, 2, base, data, big, str(tmp_path / "adapter"))
+
+
+def test_every_parsed_flag_reaches_the_configs():
+    """A flag the parser accepts but the configs never read would be swallowed: record which
+    parsed values ``_to_configs`` reads; the only unread ones say "no effect" in their help or
+    allow only the value that is true by construction."""
+    import argparse
+
+    from mindlora.training import args as args_mod
+
+    parser = args_mod.build_parser()
+    ns = parser.parse_args(BASE)
+
+    class Recording(argparse.Namespace):
+        def __getattribute__(self, name):
+            if not name.startswith("_"):
+                object.__getattribute__(self, "_read").add(name)
+            return object.__getattribute__(self, name)
+
+    rec = Recording(**vars(ns))
+    object.__setattr__(rec, "_read", set())
+    args_mod._to_configs(rec)
+    unread = {a.dest for a in parser._actions} - object.__getattribute__(rec, "_read")
+    assert unread == {"help", "config", "tokenizer_type", "is_instruction_dataset", "stage"}, unread
+    by_dest = {a.dest: a for a in parser._actions}
+    assert by_dest["tokenizer_type"].help.startswith("no effect")
+    assert by_dest["is_instruction_dataset"].help.startswith("no effect")
+    assert by_dest["stage"].choices == ["sft"]
