@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("--adam-beta2", float), ("--adam-eps", float), ("--seed", int),
                       ("--initial-loss-scale", float), ("--log-interval", int),
                       ("--save-interval", int), ("--eval-interval", int), ("--eval-iters", int),
-                      ("--max-nan-iterations", int), ("--exit-interval", int),
                       ("--exit-duration-in-mins", float), ("--save-total-limit", int),
+                      ("--max-nan-iterations", int), ("--exit-interval", int),
                       ("--recompute-num-layers", int)):
         g.add_argument(flag, type=typ, default=None)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default=None)

@@ -152,8 +152,8 @@ class Trainer:
                 self.scaler.load_state_dict(scaler_state)
         self.order = SampleOrder(len(self.data.train), t.seed)
         self.metrics = MetricsLogger(t, self.log)
-        self.log(f"> LoRA target modules: {' '.join(run.lora.target_modules)}")
         self.log(f"> {parameter_report(self.chunks)} (this rank)")
+        self.log(f"> LoRA target modules: {' '.join(run.lora.target_modules)}")
 
     def _run_schedule(self, batches: list[dict], forward_only: bool) -> tuple[float, float]:
         """Forward(+backward) over micro-batches; returns (loss sum, token count), global."""
@@ -249,23 +249,23 @@ class Trainer:
         result = TrainResult()
         exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, t.exit_signal_handler,
                                self.start_time, self._collective_device())
-        try:
-            while self.state.iteration < t.train_iters:
-                loss, norm, _ = self.train_step()
-                result.losses.append(loss)
-                result.grad_norms.append(norm)
-                it = self.state.iteration
-                if t.eval_interval and it % t.eval_interval == 0:
-                    self.evaluate()
-                stop = exits.check(it)
-                if t.save and ((t.save_interval and it % t.save_interval == 0)
-                               or it == t.train_iters or stop):
-                    self.save()
-                if stop:
-                    self.log(stop)
-                    break
-        finally:
-            exits.close()
+        while self.state.iteration < t.train_iters:
+            loss, norm, _ = self.train_step()
+            result.losses.append(loss)
+            result.grad_norms.append(norm)
+            it = self.state.iteration
+            if t.eval_interval and it % t.eval_interval == 0:
+                self.evaluate()
+            stop = bool(t.exit_interval and it % t.exit_interval == 0)
+            reason = exits.check(it)  # --exit-interval, -duration-in-mins, -signal-handler
+            stop = bool(reason)
+            if t.save and ((t.save_interval and it % t.save_interval == 0)
+                           or it == t.train_iters or stop):
+                self.save()
+            if stop:
+                self.log(reason)
+                break
+        exits.close()
         result.state = self.state
         self.metrics.close()
         return result
