@@ -49,7 +49,7 @@ def content_digest(payload: dict) -> str:
     def walk(node, path: str) -> None:
         if isinstance(node, dict):
             for k in sorted(node, key=str):
-                if path or k not in ("content_sha256", "mindlora"):
+                if path or k not in ("content_sha256", "mindlora", "args"):  # metadata
                     walk(node[k], f"{path}/{k}")
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):

@@ -256,14 +256,12 @@ class Trainer:
             it = self.state.iteration
             if t.eval_interval and it % t.eval_interval == 0:
                 self.evaluate()
-            stop = bool(t.exit_interval and it % t.exit_interval == 0)
-            reason = exits.check(it)  # --exit-interval, -duration-in-mins, -signal-handler
-            stop = bool(reason)
+            stop = exits.check(it)  # --exit-interval, -duration-in-mins, -signal-handler
             if t.save and ((t.save_interval and it % t.save_interval == 0)
                            or it == t.train_iters or stop):
                 self.save()
             if stop:
-                self.log(reason)
+                self.log(stop)
                 break
         exits.close()
         result.state = self.state

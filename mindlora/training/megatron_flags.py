@@ -114,6 +114,8 @@ def add_to_parser(parser: argparse.ArgumentParser) -> None:
         "'no effect' flags are true by construction here; 'refused' ones are not implemented "
         "and fail at once")
     for c in FLAGS:
+        if c.flag in parser._option_string_actions:
+            continue  # the parser implements it itself (its own handling wins)
         dest = "compat_" + c.flag[2:].replace("-", "_")
         label = "no effect" if c.kind == "noop" else "refused"
         if c.value_type is None:
@@ -129,7 +131,7 @@ def check(ns: argparse.Namespace) -> list[str]:
     """One message per refused flag (or not-allowed value) given; empty when all is well."""
     errors = []
     for c in FLAGS:
-        value: Any = getattr(ns, "compat_" + c.flag[2:].replace("-", "_"))
+        value: Any = getattr(ns, "compat_" + c.flag[2:].replace("-", "_"), None)
         if value is None or value is False:
             continue
         if c.kind == "refuse":

@@ -16,12 +16,24 @@ from mindlora.runtime import current
 from mindlora.runtime.device import Device
 
 
+def _forget_detection() -> None:
+    """Drop whatever detection result the runtime cached (and any device it was told to use)."""
+    from mindlora.runtime import device as dev
+
+    for fn in (getattr(dev, "_detect", None), dev.current):
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+    if hasattr(dev, "select"):
+        dev.select(None)
+
+
 @pytest.fixture
-def fresh_detection():
-    """``current`` caches its answer; clear it around a test that fakes the machine."""
-    current.cache_clear()
+def fresh_detection(monkeypatch):
+    """Detection is cached; start and end a test that fakes the machine with none cached."""
+    monkeypatch.delenv("MINDLORA_DEVICE", raising=False)
+    _forget_detection()
     yield
-    current.cache_clear()
+    _forget_detection()
 
 
 @pytest.mark.parametrize("cuda, npu_installed, npu_available, expected", [
