@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, help="checked against the adapter's own r")
     p.add_argument("--lora-alpha", type=float, help="checked against the adapter's own alpha")
     p.add_argument("--lora-target-modules", nargs="+",
-                   help="checked against the adapter's own targets")
+                   help="checked against the adapter's own targets (names, all-linear or a regex)")
     p.add_argument("--save-lora-to-hf", action="store_true",
                    help="write --lora-load as an HF PEFT adapter into --save-dir")
     p.add_argument("--load-lora-from-hf", metavar="DIR",

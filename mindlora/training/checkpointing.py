@@ -5,10 +5,14 @@ loss-scaler state, RNG states, the iteration and the data position, plus the ``m
 (model and LoRA configs, layout) of ``mindlora.checkpoint.megatron_format``. The base weights are
 never written.
 
-Atomicity: every writer puts its file under ``<save>/.iter_XXXXXXX.tmp/``; after a barrier rank 0
-renames that directory to ``iter_XXXXXXX`` and only then rewrites
-``latest_checkpointed_iteration.txt``. A run killed mid-save leaves at most a stale ``.tmp``
-directory, and ``latest`` still names the previous, complete checkpoint.
+Crash safety: every writer puts its file under ``<save>/.iter_XXXXXXX.tmp/`` (temp file, fsync,
+rename, fsync of the directory); the ranks agree that all writes succeeded (a failed write, e.g.
+a full disk, fails every rank with one message and leaves the previous checkpoint untouched);
+rank 0 then publishes the directory and the tracker (``durable.publish``).
+
+RNG: data-parallel ranks draw different dropout masks once their batches differ (different
+samples, and lengths with ``--no-pad-to-seq-lengths``), so each DP rank's RNG state is saved
+(Megatron's layout: a list indexed by DP rank in the DP-rank-0 file) and restored to that rank.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from mindlora.checkpoint.megatron_lm import megatron_args
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
 from mindlora.runtime.rng import capture_rng_state, restore_rng_state
+from mindlora.training import durable
 
 
 @dataclass
@@ -70,10 +75,22 @@ def _set_rng_state(state: dict) -> None:
     restore_rng_state(state)
 
 
+def _dp_rng_states() -> list[dict]:
+    """Every data-parallel rank's RNG state, indexed by DP rank (collective over DP)."""
+    states: list = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(states, _rng_state(), group=parallel_state.get_data_parallel_group())
+    return states
+
+
 def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module],
                  optimizer: torch.optim.Optimizer, scaler_state: dict, model: ModelConfig,
-                 lora: LoRAConfig, parallel: ParallelConfig, params_dtype: torch.dtype) -> str:
-    """Write the adapter checkpoint of ``state.iteration`` (collective: every rank calls it)."""
+                 lora: LoRAConfig, parallel: ParallelConfig, params_dtype: torch.dtype,
+                 keep: Optional[int] = None) -> str:
+    """Write the adapter checkpoint of ``state.iteration`` (collective: every rank calls it).
+
+    Args:
+        keep: keep only the newest ``keep`` checkpoints (``--save-total-limit``).
+    """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp = parallel.pipeline_model_parallel_size
@@ -84,6 +101,8 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
         shutil.rmtree(tmp_root, ignore_errors=True)
         os.makedirs(tmp_root, exist_ok=True)
     dist.barrier()
+    rng_states = _dp_rng_states()
+    failure = ""
     if parallel_state.get_data_parallel_rank() == 0:
         keys = fmt.chunk_keys(vpp)
         meta = fmt.build_meta(
@@ -100,19 +119,47 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
         payload.update({
             "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": state.iteration,
             "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,
-            "rng_state": _rng_state(), "train_state": vars(state).copy(),
+            "rng_state": rng_states, "train_state": vars(state).copy(),
         })
-        fmt.write_rank_file(os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp),
-                                         fmt.RANK_FILE), payload)
-    dist.barrier()
+        payload["content_sha256"] = durable.content_digest(payload)
+        path = os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp), fmt.RANK_FILE)
+        try:
+            fmt.write_rank_file(path, payload)
+            durable.fsync_dir(os.path.dirname(path))
+            durable.fault_point("rank_file_written", path)
+        except OSError as e:
+            failure = f"{path}: {e.strerror or e}"
+    _raise_if_any_failed(failure, save_dir, tmp_root, state.iteration)
     final = os.path.join(save_dir, name)
     if dist.get_rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp_root, final)
-        fmt.write_tracker(save_dir, state.iteration)
+        durable.publish(save_dir, tmp_root, final, state.iteration)
+        if keep:
+            durable.prune(save_dir, keep)
     dist.barrier()
     return final
+
+
+def _raise_if_any_failed(failure: str, save_dir: str, tmp_root: str, iteration: int) -> None:
+    """All ranks learn whether any write failed; then every rank raises the same kind of error."""
+    backend = dist.get_backend()
+    device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else
+              torch.device("npu", torch.npu.current_device()) if backend == "hccl" else
+              torch.device("cpu"))  # collectives take tensors on their backend's device
+    flag = torch.tensor([1.0 if failure else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    dist.barrier()  # every rank reports the failure only once nothing half-written is left
+    try:
+        previous = f"iteration {fmt.read_tracker(save_dir)}"
+    except (OSError, ValueError):
+        previous = "none"
+    where = failure or "another rank failed to write its part"
+    raise durable.CheckpointWriteError(
+        f"saving checkpoint iteration {iteration} to {save_dir} failed: {where}; the previous "
+        f"checkpoint ({previous}) is untouched")
 
 
 def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfig) -> None:
@@ -155,13 +202,18 @@ def saved_lora_structure(lora_load: str, lora: LoRAConfig, hf_config_dir: Option
 def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
                  optimizer: Optional[torch.optim.Optimizer], model: ModelConfig,
                  lora: LoRAConfig, parallel: ParallelConfig, finetune: bool,
-                 hf_config_dir: Optional[str] = None) -> tuple[TrainState, Optional[dict]]:
+                 hf_config_dir: Optional[str] = None, load_rng: bool = True
+                 ) -> tuple[TrainState, Optional[dict]]:
     """Restore an adapter checkpoint; returns (train state, loss-scaler state or None).
 
     With ``finetune`` only the weights are taken (from any TP x PP layout, resharded) and the run
     starts at iteration 0. Otherwise the run continues exactly, which needs the same TP x PP
     layout (the data-parallel size may change). A MindSpeed-LLM / Megatron-LM LoRA checkpoint
     (``args``, ``lora_A.default.weight`` keys) is read with ``finetune`` only.
+    ``optimizer=None`` (``--no-load-optim``) leaves the optimizer and loss scaler fresh;
+    ``load_rng=False`` (``--no-load-rng``) the RNG states. With another DP size, DP rank r takes
+    the state saved by rank r mod (saved DP size): the ranks then see other samples, so dropout
+    masks cannot continue the old run's anyway.
     """
     iteration, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
     if meta["kind"] != "adapter":
@@ -179,6 +231,8 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     keys = fmt.chunk_keys(vpp)
     same_layout = (meta["tp"], meta["pp"], meta.get("vpp")) == (tp, pp, vpp)
     if finetune:
+        for rank_path in durable.rank_files(lora_load, iteration):  # adapters are small: check all
+            durable.verify_content(fmt.load_rank_file(rank_path), rank_path)
         for v, chunk in enumerate(chunks):
             _load_lora_weights(chunk, _chunk_shard(lora_load, chunk, v, model, parallel,
                                                    iteration, hf_config_dir), lora_load)
@@ -192,13 +246,17 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
             f"adapter weights, which are resharded to any layout.")
     path = fmt.rank_file_path(lora_load, iteration, tp_rank, pp_rank, pp)
     payload = fmt.load_rank_file(path, mmap=False)
+    durable.verify_content(payload, path)
     for key, chunk in zip(keys, chunks):
         _load_lora_weights(chunk, payload[key], path)
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    _set_rng_state(payload["rng_state"])
+    if load_rng:
+        saved = payload["rng_state"]
+        saved = saved if isinstance(saved, list) else [saved]  # files from before per-DP states
+        _set_rng_state(saved[parallel_state.get_data_parallel_rank() % len(saved)])
     state = TrainState(**payload["train_state"])
-    return state, payload.get("loss_scaler")
+    return state, payload.get("loss_scaler") if optimizer is not None else None
 
 
 def _load_lora_weights(chunk: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
@@ -233,4 +291,15 @@ def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
                 if params[k].shape != sd[k].shape:
                     raise ValueError(f"--load {load_dir}: {k} has shape {tuple(sd[k].shape)}, the "
                                      f"model expects {tuple(params[k].shape)}")
+                if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all()):
+                    raise ValueError(f"--load {_describe(load_dir)}: {k} holds NaN/Inf values; "
+                                     f"the base checkpoint is damaged (convert it again)")
                 params[k].copy_(sd[k])
+
+
+def _describe(load_dir: str) -> str:
+    """``load_dir`` and the iteration directory its tracker names (where the rank files are)."""
+    try:
+        return os.path.join(load_dir, fmt.iteration_dir_name(fmt.read_tracker(load_dir)))
+    except (OSError, ValueError):
+        return load_dir

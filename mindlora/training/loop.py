@@ -20,11 +20,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
 from mindlora.lora.blocks import keep_block_structure
-from mindlora.models.builder import build_model, parameter_report, transformer_config
+from mindlora.models.builder import build_model, padded_vocab_size, parameter_report
+from mindlora.models.builder import transformer_config
 from mindlora.runtime import init_distributed, init_parallel
 from mindlora.runtime.device import to_device
 from mindlora.training import checkpointing as ckpt
-from mindlora.training.args import RunConfig
+from mindlora.training.args import ARCH_FLAGS, RunConfig
 from mindlora.training.batches import BatchPlan, SampleOrder, micro_batches, pad_to_common_length
 from mindlora.training.batches import replicate
 from mindlora.training.data import TrainingData
@@ -32,6 +33,7 @@ from mindlora.training.logging import MetricsLogger
 from mindlora.training.optim import LossScaler, LRSchedule, clip_grads, finalize_grads
 from mindlora.training.optim import lora_parameters, make_optimizer
 from mindlora.training.samples import SampleAnswers
+from mindlora.training.stopping import ExitConditions
 
 
 @dataclass
@@ -63,8 +65,7 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     model = ModelConfig.from_dict(meta["model_config"])
     arch = dict(run.arch_overrides)
     vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)
-    wrong = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(model, k, None)})"
-             for k, v in arch.items() if k != "padded_vocab_size" and getattr(model, k) != v]
+    wrong = check_arch_flags(arch, model, run.parallel.tensor_model_parallel_size)
     if wrong:
         raise ValueError(f"flags contradict the checkpoint in --load {run.train.load}: "
                          + ", ".join(wrong))
@@ -83,14 +84,39 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     return model, parallel
 
 
+def check_arch_flags(arch: dict, model: ModelConfig, tp: int) -> list[str]:
+    """Architecture flags that contradict the checkpoint's ``model`` (one entry each)."""
+    wrong = []
+    for key, value in arch.items():
+        flag = ARCH_FLAGS[key]
+        if key == "padded_vocab_size":
+            # Megatron's padded size is the embedding's row count; mindlora pads vocab_size to a
+            # multiple of TP (what --make-vocab-size-divisible-by 1 does), so either is consistent.
+            allowed = {model.vocab_size, padded_vocab_size(model, tp)}
+            if value not in allowed:
+                wrong.append(f"{flag} {value} (checkpoint: vocab_size {model.vocab_size}, "
+                             f"padded for TP={tp} to {padded_vocab_size(model, tp)})")
+        elif isinstance(value, bool):
+            if getattr(model, key) != value:
+                wrong.append(f"{flag} (checkpoint: {key}={getattr(model, key)})")
+        elif getattr(model, key) != value:
+            wrong.append(f"{flag} {value} (checkpoint: {getattr(model, key)})")
+    return wrong
+
+
 class Trainer:
     """One training run on this process (collective: every rank builds one)."""
 
     def __init__(self, run: RunConfig, log=print) -> None:
         self.run, self.log = run, log
         t = run.train
+        self.start_time = time.time()
         self.device = init_distributed()
         self.torch_device = self.device.torch_device()
+        if t.distributed_backend and t.distributed_backend != dist.get_backend():
+            raise ValueError(f"--distributed-backend {t.distributed_backend}, but this "
+                             f"{self.device.kind} run uses {dist.get_backend()} (the backend "
+                             f"follows the device: cuda nccl, npu hccl, cpu gloo)")
         self.model_cfg, self.parallel = resolve_model(run)
         init_parallel(self.parallel, seed=t.seed)
         self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
@@ -131,8 +157,10 @@ class Trainer:
         self._bad_streak = 0
         if t.lora_load:
             self.state, scaler_state = ckpt.load_adapter(
-                t.lora_load, self.chunks, None if t.finetune else self.optimizer,
-                self.model_cfg, self.lora, self.parallel, t.finetune, hf_config_dir=hf_dir)
+                t.lora_load, self.chunks,
+                None if t.finetune or t.no_load_optim else self.optimizer,
+                self.model_cfg, self.lora, self.parallel, t.finetune, hf_config_dir=hf_dir,
+                load_rng=not t.no_load_rng)
             if scaler_state:
                 self.scaler.load_state_dict(scaler_state)
         self.order = SampleOrder(len(self.data.train), t.seed)
@@ -140,6 +168,7 @@ class Trainer:
         self.samples = (SampleAnswers(run, self.chunks, self.model_cfg, self.log,
                                       self.metrics.writer) if t.eval_prompts else None)
         self.log(f"> {parameter_report(self.chunks)} (this rank)")
+        self.log(f"> LoRA target modules: {' '.join(self.lora.target_modules)}")
 
     def _run_schedule(self, batches: list[dict], forward_only: bool) -> tuple[float, float]:
         """Forward(+backward) over micro-batches; returns (loss sum, token count), global."""
@@ -227,12 +256,14 @@ class Trainer:
         t = self.run.train
         path = ckpt.save_adapter(t.save, self.state, self.chunks, self.optimizer,
                                  self.scaler.state_dict(), self.model_cfg, self.lora,
-                                 self.parallel, self.dtype)
+                                 self.parallel, self.dtype, keep=t.save_total_limit)
         self.log(f"> saved adapter checkpoint at iteration {self.state.iteration} to {path}")
 
     def fit(self) -> TrainResult:
         t = self.run.train
         result = TrainResult()
+        exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, t.exit_signal_handler,
+                               self.start_time, self.torch_device)
         while self.state.iteration < t.train_iters:
             loss, norm, _ = self.train_step()
             result.losses.append(loss)
@@ -243,12 +274,14 @@ class Trainer:
                     self.evaluate()
                 if self.samples is not None:
                     self.samples.write(it)
-            stop = bool(t.exit_interval and it % t.exit_interval == 0)
+            stop = exits.check(it)  # --exit-interval, -duration-in-mins, -signal-handler
             if t.save and ((t.save_interval and it % t.save_interval == 0)
                            or it == t.train_iters or stop):
                 self.save()
             if stop:
+                self.log(stop)
                 break
+        exits.close()
         result.state = self.state
         self.metrics.close()
         return result

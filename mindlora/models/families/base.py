@@ -14,18 +14,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mindlora.config import ModelConfig
+from mindlora.config import TARGET_PATHS, ModelConfig  # noqa: F401 (TARGET_PATHS re-exported)
 
 HF_LAYER_PREFIX = "model.layers.{}."
 MCORE_LAYER_PREFIX = "decoder.layers.{}."
 
-TARGET_PATHS = {
-    "linear_qkv": "self_attention.linear_qkv",
-    "linear_proj": "self_attention.linear_proj",
-    "linear_fc1": "mlp.linear_fc1",
-    "linear_fc2": "mlp.linear_fc2",
-}
-"""megatron-core module path (inside a layer) of each LoRA target name."""
 
 TRANSFORMS = ("copy", "qkv", "gate_up")
 
