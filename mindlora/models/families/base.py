@@ -263,5 +263,6 @@ def split_lora_b(cfg: ModelConfig, target: str, b: torch.Tensor, ranks: Sequence
 
 def lora_block_mask(cfg: ModelConfig, target: str, ranks: Sequence[int]) -> torch.Tensor:
     """0/1 mask ``[out, sum(ranks)]`` of a rank-stacked B's blocks (1 = module's own block)."""
+    # host-tensor: built once at set-up; lora.blocks shards it and moves it to the weight's device
     return stack_lora_b(cfg, target, [torch.ones(w, r) for w, r in
                                       zip(module_widths(cfg, target), ranks)])
