@@ -24,7 +24,7 @@ for arg in "$@"; do
     esac
 done
 if [ -z "${MINDLORA_NO_BOOTSTRAP:-}" ]; then
-    if [ "$MODE" = full ]; then export MINDLORA_EXTRAS=test,quickstart; fi
+    export MINDLORA_EXTRAS=test,quickstart
     bash tools/bootstrap.sh
     export PATH="$PWD/.venv/bin:$PATH"
 fi

@@ -19,7 +19,7 @@ assets() {
     python examples/quickstart/make_identity.py "$DATA/identity.json" \
         "$OUT/dataset/identity_mindlora.json" --name MindLoRA --author "the mindlora team"
     printf '%s\n' '{"prompt": "Who are you?"}' '{"prompt": "What is the capital of France?"}' \
-        > "$OUT/prompts.jsonl"
+        '{"prompt": "Give three tips for staying healthy."}' > "$OUT/prompts.jsonl"
 }
 convert() {
     LOAD_DIR="$HF" SAVE_DIR="$MCORE" bash $LAUNCH/ckpt_convert_smollm2_135m_hf2mcore.sh
