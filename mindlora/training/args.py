@@ -58,6 +58,9 @@ class TrainConfig:
     recompute_num_layers: Optional[int] = None
     max_nan_iterations: int = 10
     """Stop after this many consecutive skipped (NaN/Inf) iterations."""
+    eval_prompts: Optional[str] = None
+    """Prompts (one a line, or JSONL) answered greedily every ``--eval-interval``."""
+    eval_max_new_tokens: int = 64
     exit_interval: Optional[int] = None
     """Stop (after saving) at the first iteration divisible by this (tests use it to stop)."""
 
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                       ("--initial-loss-scale", float), ("--log-interval", int),
                       ("--save-interval", int), ("--eval-interval", int), ("--eval-iters", int),
                       ("--max-nan-iterations", int), ("--exit-interval", int),
+                      ("--eval-max-new-tokens", int),
                       ("--recompute-num-layers", int)):
         g.add_argument(flag, type=typ, default=None)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default=None)
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g = p.add_argument_group("checkpoints and logging")
-    for flag in ("--load", "--save", "--lora-load", "--tensorboard-dir"):
+    for flag in ("--load", "--save", "--lora-load", "--tensorboard-dir", "--eval-prompts"):
         g.add_argument(flag, default=None)
     g.add_argument("--finetune", action="store_true")
     g.add_argument("--no-load-optim", action="store_true", help="accepted for Megatron scripts")
@@ -253,7 +257,11 @@ def _validate(train: TrainConfig, data: DataConfig, errors: list[str]) -> None:
         errors.append("--data-path is required")
     if train.save_interval is not None and train.save_interval < 1:
         errors.append(f"--save-interval ({train.save_interval}) must be >= 1")
-    if train.eval_interval and train.eval_iters < 1:
+    if train.eval_prompts and not train.eval_interval:
+        errors.append(f"--eval-prompts ({train.eval_prompts}) needs --eval-interval")
+    if train.eval_max_new_tokens < 1:
+        errors.append(f"--eval-max-new-tokens ({train.eval_max_new_tokens}) must be >= 1")
+    if train.eval_interval and train.eval_iters < 1 and not train.eval_prompts:
         errors.append(f"--eval-interval ({train.eval_interval}) needs --eval-iters >= 1")
     if train.load is None:
         errors.append("--load (the base checkpoint from tools/convert_ckpt.py) is required")

@@ -29,6 +29,7 @@ from mindlora.training.data import TrainingData
 from mindlora.training.logging import MetricsLogger
 from mindlora.training.optim import LossScaler, LRSchedule, clip_grads, finalize_grads
 from mindlora.training.optim import lora_parameters, make_optimizer
+from mindlora.training.samples import SampleAnswers
 
 
 @dataclass
@@ -125,6 +126,8 @@ class Trainer:
                 self.scaler.load_state_dict(scaler_state)
         self.order = SampleOrder(len(self.data.train), t.seed)
         self.metrics = MetricsLogger(t, self.log)
+        self.samples = (SampleAnswers(run, self.chunks, self.model_cfg, self.log,
+                                      self.metrics.writer) if t.eval_prompts else None)
         self.log(f"> {parameter_report(self.chunks)} (this rank)")
 
     def _run_schedule(self, batches: list[dict], forward_only: bool) -> tuple[float, float]:
@@ -225,7 +228,10 @@ class Trainer:
             result.grad_norms.append(norm)
             it = self.state.iteration
             if t.eval_interval and it % t.eval_interval == 0:
-                self.evaluate()
+                if t.eval_iters:
+                    self.evaluate()
+                if self.samples is not None:
+                    self.samples.write(it)
             stop = bool(t.exit_interval and it % t.exit_interval == 0)
             if t.save and ((t.save_interval and it % t.save_interval == 0)
                            or it == t.train_iters or stop):
