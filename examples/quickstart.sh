@@ -7,9 +7,9 @@
 #   bash examples/quickstart.sh --toy    a tiny random Qwen3 model learning additions; nothing is
 #                                        downloaded; under a minute (CI runs it)
 #
-# Stages: assets -> HF->mcore conversion -> preprocessing -> answers before -> LoRA training
-# (torchrun, 2 CPU processes, gloo) -> adapter export to HF PEFT -> answers after ->
-# transformers+PEFT check -> summary and loss curve.
+# Stages: assets -> HF->mcore conversion -> preprocessing -> answers before (mindlora.generate)
+# -> LoRA training (torchrun, 2 CPU processes, gloo) -> answers after (base + adapter) ->
+# adapter export to HF PEFT -> transformers+PEFT check -> summary and loss curve.
 # Outputs: ./quickstart_out (recreated on each run), logs and the loss curve in ./logs.
 # Environment: MINDLORA_NO_BOOTSTRAP=1 uses the current Python environment instead of ./.venv;
 # TRAIN_ITERS, MASTER_PORT, QUICKSTART_OUT, LOG_DIR, MINDLORA_CACHE override the defaults.
@@ -54,23 +54,13 @@ else
     source examples/quickstart/toy.sh
 fi
 
-# The before/after answers: the base alone, then base + the LoRA adapter, greedy.
-# GEN_BACKEND=mindlora: python -m mindlora.generate on the megatron-core checkpoint and adapter;
-# GEN_BACKEND=hf: transformers (+ PEFT on the exported adapter), the stand-in used until
-# mindlora.generate exists.
-GEN_BACKEND=${GEN_BACKEND:-hf}
+# The before/after answers: mindlora's own greedy generation on the megatron-core checkpoint,
+# the base alone, then base + the LoRA adapter (one process; the base is resharded at load).
 answers() {  # answers OUT.jsonl [with-adapter]
-    if [ "$GEN_BACKEND" = mindlora ]; then
-        python -m mindlora.generate --load "$MCORE" ${2:+--lora-load "$ADAPTER"} \
-            --tokenizer-name-or-path "$HF" --prompt-type "$PROMPT_TYPE" \
-            --enable-thinking "$THINKING" --max-new-tokens "$MAX_NEW_TOKENS" \
-            --prompts "$OUT/prompts.jsonl" --output "$1"
-    else
-        python examples/quickstart/hf_generate.py --load "$HF" ${2:+--lora-load "$PEFT"} \
-            --tokenizer-name-or-path "$HF" --prompt-type "$PROMPT_TYPE" \
-            --enable-thinking "$THINKING" --max-new-tokens "$MAX_NEW_TOKENS" \
-            --prompts "$OUT/prompts.jsonl" --output "$1"
-    fi
+    python -m mindlora.generate --load "$MCORE" ${2:+--lora-load "$ADAPTER"} \
+        --tokenizer-name-or-path "$HF" --prompt-type "$PROMPT_TYPE" \
+        --enable-thinking "$THINKING" --max-new-tokens "$MAX_NEW_TOKENS" \
+        --prompts "$OUT/prompts.jsonl" --output "$1"
     python -c 'import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line); print("  %r -> %r" % (r["prompt"], r["answer"]))' "$1"
@@ -86,7 +76,8 @@ reference() {  # transformers + PEFT greedy generate on the exported adapter
         --enable-thinking "$THINKING" --max-new-tokens "$MAX_NEW_TOKENS" \
         --prompts "$OUT/prompts.jsonl" --output "$OUT/answers_hf_peft.jsonl"
     python examples/quickstart/compare_answers.py --before "$OUT/answers_before.jsonl" \
-        --after "$OUT/answers_after.jsonl" --reference "$OUT/answers_hf_peft.jsonl" "${CHECKS[@]}"
+        --after "$OUT/answers_after.jsonl" --reference "$OUT/answers_hf_peft.jsonl" \
+        ${CHECKS[@]+"${CHECKS[@]}"}
 }
 
 stage "assets ($MODE)" assets
@@ -94,8 +85,8 @@ stage "convert HF -> megatron-core" convert
 stage "preprocess instruction data" preprocess
 stage "answers before fine-tuning (base model)" answers "$OUT/answers_before.jsonl"
 stage "LoRA fine-tuning (torchrun, 2 CPU processes)" train
-stage "export the adapter to HF PEFT" export_peft
 stage "answers after fine-tuning (base + adapter)" answers "$OUT/answers_after.jsonl" adapter
+stage "export the adapter to HF PEFT" export_peft
 stage "check: transformers + PEFT generate on the exported adapter" reference
 printf '\n== [9/9] summary\n'
 python examples/quickstart/summary.py --log "$TRAIN_LOG" --times "$TIMES" \

@@ -43,6 +43,8 @@ SOURCES = [
      _module_parser("mindlora.data.preprocess", "build_parser")),
     ("Training", "torchrun ... -m mindlora.train",
      _module_parser("mindlora.training.args", "build_parser")),
+    ("Generation", "torchrun ... -m mindlora.generate",
+     _module_parser("mindlora.generation.args", "build_parser")),
 ]
 
 
@@ -76,20 +78,31 @@ def _default(action: argparse.Action) -> str:
     return str(action.default)
 
 
-def _rows(actions: list[argparse.Action]) -> list[str]:
+def _rows(actions: list[argparse.Action], notes: dict[int, str]) -> list[str]:
     rows = ["| flag | value | default | description |", "|---|---|---|---|"]
     for a in actions:
         flags = ", ".join(f"`{s}`" for s in a.option_strings)
-        rows.append(f"| {flags} | {_cell(_value(a))} | {_cell(_default(a))} | "
-                    f"{_cell(a.help or '')} |")
+        text = " ".join(t for t in (notes.get(id(a), ""), a.help or "") if t)
+        rows.append(f"| {flags} | {_cell(_value(a))} | {_cell(_default(a))} | {_cell(text)} |")
     return rows
+
+
+def _exclusive_notes(parser: argparse.ArgumentParser) -> dict[int, str]:
+    """A note per flag of a mutually exclusive group, e.g. 'exactly one of --a, --b'."""
+    notes = {}
+    for group in parser._mutually_exclusive_groups:
+        names = ", ".join(a.option_strings[0] for a in group._group_actions)
+        note = f"(exactly one of {names})" if group.required else f"(at most one of {names})"
+        for a in group._group_actions:
+            notes[id(a)] = note
+    return notes
 
 
 def render_parser(title: str, command: str, parser: argparse.ArgumentParser) -> list[str]:
     """The markdown section of one parser."""
     out = [f"## {title}", "", f"`{command}`" + (f": {_cell(parser.description)}"
                                                if parser.description else ""), ""]
-    hidden = []
+    hidden, notes = [], _exclusive_notes(parser)
     for group in parser._action_groups:  # argparse keeps groups only here
         shown = []
         for a in group._group_actions:
@@ -100,7 +113,7 @@ def render_parser(title: str, command: str, parser: argparse.ArgumentParser) -> 
             continue
         if group.title not in ("options", "optional arguments"):
             out += [f"### {group.title}", ""]
-        out += _rows(shown) + [""]
+        out += _rows(shown, notes) + [""]
     if hidden:
         names = ", ".join(f"`{s}`" for a in hidden for s in a.option_strings)
         out += [f"Also accepted, hidden from `--help` (MindSpeed-LLM launcher compatibility): "
@@ -110,11 +123,15 @@ def render_parser(title: str, command: str, parser: argparse.ArgumentParser) -> 
 
 def render() -> str:
     """The whole of docs/flags.md."""
+    import warnings
+
+    warnings.filterwarnings("ignore")  # megatron-core's import-time notices about optional kernels
     lines = ["# Command-line flags", "",
              "Generated from the argument parsers by `python tools/gen_flags_doc.py`; do not edit "
              "by hand (tests/docs/test_flags_doc.py fails when this file is stale). Flag names "
-             "follow MindSpeed-LLM / Megatron-LM; see [training.md](training.md), "
-             "[data.md](data.md) and [checkpoint.md](checkpoint.md) for what they do together.",
+             "follow MindSpeed-LLM / Megatron-LM; see [checkpoint.md](checkpoint.md), "
+             "[data.md](data.md), [training.md](training.md) and the README for what they do "
+             "together.",
              ""]
     for title, command, factory in SOURCES:
         lines += render_parser(title, command, factory())

@@ -86,8 +86,8 @@ def main() -> None:
           f"{len(speeds)} iterations, all processes together)")
     print("  time per stage")
     for name, sec in times:
-        print(f"    {name:<40s} {sec:7.1f} s")
-    print(f"    {'total':<40s} {sum(s for _, s in times):7.1f} s")
+        print(f"    {name:<62s} {sec:7.1f} s")
+    print(f"    {'total':<62s} {sum(s for _, s in times):7.1f} s")
     print("  files")
     for item in args.file + [f"loss curve={args.png}", f"training log={args.log}"]:
         label, _, path = item.partition("=")

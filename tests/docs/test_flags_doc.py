@@ -14,13 +14,15 @@ def test_flags_doc_matches_the_parsers():
 
 def test_every_visible_flag_is_documented():
     from mindlora.data.preprocess import build_parser as preprocess_parser
+    from mindlora.generation.args import build_parser as generate_parser
     from mindlora.training.args import build_parser as train_parser
+    from tools.convert_ckpt import parser as convert_parser
 
     text = render()
-    for parser in (train_parser(), preprocess_parser()):
+    for parser in (train_parser(), preprocess_parser(), generate_parser(), convert_parser()):
         for action in parser._actions:
             for flag in action.option_strings:
-                if flag not in ("-h", "--help"):
+                if flag not in ("-h", "--help") and action.help != argparse.SUPPRESS:
                     assert f"`{flag}`" in text, flag
 
 
@@ -33,6 +35,9 @@ def test_render_shows_types_defaults_groups_and_hidden_flags():
     g = p.add_argument_group("extras")
     g.add_argument("--on", action="store_true", help="a switch")
     p.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file")
+    src.add_argument("--stdin", action="store_true", help="read stdin")
     lines = render_parser("Demo", "python x.py", p)
     assert lines[2] == "`python x.py`: Demo \\| tool."
     assert "| `--need` | str | **required** | must be given |" in lines
@@ -41,6 +46,8 @@ def test_render_shows_types_defaults_groups_and_hidden_flags():
     assert "| `--many` | str ... | p q |  |" in lines
     assert lines.index("### extras") < lines.index("| `--on` | switch |  | a switch |")
     assert not any("`--legacy` |" in ln for ln in lines)
+    assert "| `--file` | str |  | (exactly one of --file, --stdin) |" in lines
+    assert "| `--stdin` | switch |  | (exactly one of --file, --stdin) read stdin |" in lines
     assert lines[-2].endswith("launcher compatibility): `--legacy`.")
 
 
