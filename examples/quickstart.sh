@@ -67,8 +67,7 @@ for line in open(sys.argv[1]):
 }
 export_peft() {
     python tools/convert_ckpt.py --load-model-type mg --save-model-type hf \
-        --load-dir "$MCORE" --lora-load "$ADAPTER" --save-lora-to-hf --save-dir "$PEFT" \
-        --no-progress
+        --load-dir "$MCORE" --lora-load "$ADAPTER" --save-lora-to-hf --save-dir "$PEFT"
 }
 reference() {  # transformers + PEFT greedy generate on the exported adapter
     python examples/quickstart/hf_generate.py --load "$HF" --lora-load "$PEFT" \

@@ -88,8 +88,12 @@ def main() -> None:
     print("quickstart summary")
     print(f"  loss            first {rows[0][1]:.4f} (iteration {rows[0][0]}) -> last "
           f"{rows[-1][1]:.4f} (iteration {rows[-1][0]})")
+    if len(rows) >= 20:
+        first, last = [r[1] for r in rows[:10]], [r[1] for r in rows[-10:]]
+        print(f"                  mean of the first 10 logged {statistics.mean(first):.4f} -> "
+              f"of the last 10 {statistics.mean(last):.4f}")
     print(f"  training speed  {statistics.median(speeds):.1f} tokens/s (median over "
-          f"{len(speeds)} iterations, all processes together)")
+          f"{len(speeds)} iterations; input tokens of all processes)")
     print("  time per stage")
     for name, sec in times:
         print(f"    {name:<62s} {sec:7.1f} s")
