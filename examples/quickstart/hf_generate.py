@@ -1,4 +1,4 @@
-"""Greedy answers from Hugging Face transformers (+ PEFT): the reference mindlora is checked against.
+"""Greedy answers from Hugging Face transformers (+ PEFT), the reference mindlora is checked with.
 
 Takes the same flags and files as ``python -m mindlora.generate`` for the subset the quickstart
 uses, but ``--load`` is a Hugging Face model folder and ``--lora-load`` an HF PEFT adapter folder.
@@ -45,9 +45,10 @@ def stop_ids(tokenizer, template) -> set[int]:
 @torch.no_grad()
 def greedy(model, ids: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:
     """HF ``generate`` with greedy decoding; the generated ids, the stop token included."""
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         do_sample=False, max_new_tokens=max_new_tokens,
-                         eos_token_id=sorted(stops), pad_token_id=sorted(stops)[0])
+    mask = torch.ones(1, len(ids), dtype=torch.long)
+    out = model.generate(torch.tensor([ids]), attention_mask=mask, do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
+                         pad_token_id=sorted(stops)[0])
     return out[0, len(ids):].tolist()
 
 
