@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint.loading import load_model_shard
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.config import LoRAConfig
 from tests.checkpoint.conftest import (SPECS, assert_same_tensors, hf_logits, load_hf_tensors,
@@ -92,8 +93,8 @@ def test_peft_import_export_round_trip_is_bit_exact(hf_models, tmp_path):
                         load_file(os.path.join(peft2, "adapter_model.safetensors")))
     # The TP2 x PP2 adapter and the imported TP1 x PP4 one hold the same factors.
     for layer in (0, 3):
-        want = mf.load_model_shard(adapter, 1, 0, [layer], False, False, True, 256)
-        got = mf.load_model_shard(imported, 1, 0, [layer], False, False, True, 256)
+        want = load_model_shard(adapter, 1, 0, [layer], False, False, True, 256)
+        got = load_model_shard(imported, 1, 0, [layer], False, False, True, 256)
         assert_same_tensors(got, want)
 
 

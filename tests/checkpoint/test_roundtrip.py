@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint.loading import load_model_shard
 from mindlora.models.sharding import pad_vocab
 from tests.checkpoint.conftest import (SPECS, assert_same_tensors, hf_logits, load_hf_tensors,
                                        run_convert)
@@ -81,11 +82,11 @@ def test_load_model_shard_reshards_any_layout(hf_models, tmp_path):
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=b,
                 model_type_hf="qwen3")
     reference = torch.load(mf.rank_file_path(b, 1, 0, 0, 1), weights_only=True)["model"]
-    got = mf.load_model_shard(a, 1, 0, [0, 1, 2, 3], True, True, True, 256)
+    got = load_model_shard(a, 1, 0, [0, 1, 2, 3], True, True, True, 256)
     assert_same_tensors(got, reference)
     # A TP2 rank of the last two layers, from the TP1 checkpoint, equals the TP2 x PP2 file.
     want = torch.load(mf.rank_file_path(a, 1, 1, 1, 2), weights_only=True)["model"]
-    got = mf.load_model_shard(b, 2, 1, [2, 3], False, True, True, pad_vocab(256, 2))
+    got = load_model_shard(b, 2, 1, [2, 3], False, True, True, pad_vocab(256, 2))
     assert_same_tensors(got, want)
 
 
