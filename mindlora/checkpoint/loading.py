@@ -61,9 +61,11 @@ def rank_files(root: str, iteration) -> list[str]:
     it_dir = os.path.join(root, fmt.iteration_dir_name(iteration))
     return [os.path.join(it_dir, d, fmt.RANK_FILE) for d in sorted(os.listdir(it_dir))
             if d.startswith("mp_rank_") and os.path.isfile(os.path.join(it_dir, d, fmt.RANK_FILE))]
+
+
 def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[int],
                      pre_process: bool, post_process: bool, tie_word_embeddings: bool,
-                     padded_vocab_size: int, iteration: Optional[Iteration] = None,
+                     padded_vocab_size: int, iteration: Optional[fmt.Iteration] = None,
                      hf_config_dir: Optional[str] = None) -> dict[str, torch.Tensor]:
     """State dict of one model chunk in the *target* layout, from a checkpoint of any layout.
 
@@ -79,7 +81,8 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
         tie_word_embeddings: the model ties the output layer to the embedding; a last stage
             without the embedding then gets ``output_layer.weight`` as a copy of it.
         padded_vocab_size: vocabulary rows of the target model (all TP ranks together).
-        hf_config_dir: HF config.json folder for Megatron-LM checkpoints (see :func:`read_meta`).
+        hf_config_dir: HF config.json folder for Megatron-LM checkpoints (see
+            ``megatron_format.read_meta``).
     """
     reader = MegatronReader(load_dir, iteration, hf_config_dir)
     if reader.model_config.tie_word_embeddings != tie_word_embeddings:
@@ -108,12 +111,13 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
 
 
 def is_lora_key(key: str) -> bool:
+    """A LoRA factor (``lora_A``/``lora_B``) of a model chunk's state dict."""
     return ".lora_A." in key or ".lora_B." in key
 
 
 def chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: ModelConfig,
-                 parallel: ParallelConfig, iteration=None, hf_config_dir: Optional[str] = None
-                 ) -> dict[str, torch.Tensor]:
+                parallel: ParallelConfig, iteration=None, hf_config_dir: Optional[str] = None
+                ) -> dict[str, torch.Tensor]:
     """This rank's chunk ``vp_stage`` read from a checkpoint of any layout (resharded); a
     Megatron-LM checkpoint's args are completed by ``hf_config_dir``'s config.json."""
     tp = parallel.tensor_model_parallel_size
@@ -126,6 +130,7 @@ def chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: Mod
 
 
 def check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfig) -> None:
+    """Refuse an adapter saved for another base model or with other LoRA flags (all reasons)."""
     errors = []
     saved_model = ModelConfig.from_dict(meta["model_config"])
     if meta.get("source") == "megatron":  # args describe the shape only: compare that

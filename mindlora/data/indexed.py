@@ -50,11 +50,6 @@ def bin_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.bin"
 
 
-def dataset_exists(prefix: str | os.PathLike) -> bool:
-    """True when both the ``.bin`` and the ``.idx`` of ``prefix`` exist."""
-    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
-
-
 def require_dataset(prefix: str | os.PathLike) -> None:
     """Raise a FileNotFoundError that names both expected files when either is missing."""
     missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]

@@ -41,7 +41,7 @@ def write_meta(prefix: str | os.PathLike, meta: dict[str, Any]) -> str:
     return stage_meta(prefix, meta).commit()
 
 
-def read_meta(prefix: str | os.PathLike, required: bool = True) -> dict[str, Any] | None:
+def read_dataset_meta(prefix: str | os.PathLike, required: bool = True) -> dict[str, Any] | None:
     """The sidecar of a dataset prefix.
 
     Args:
@@ -82,7 +82,7 @@ def check_tokenizer(prefix: str | os.PathLike, vocab_size: int,
     Raises:
         ValueError: vocabulary size or fingerprint differ, naming both values.
     """
-    meta = read_meta(prefix, required=required)
+    meta = read_dataset_meta(prefix, required=required)
     if meta is None:
         return
     if int(meta["vocab_size"]) != int(vocab_size):

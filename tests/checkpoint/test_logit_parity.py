@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.loading import load_model_shard
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
@@ -161,7 +161,7 @@ def all_cases(hf_models, tmp_path_factory) -> list[Case]:
     _peft_adapter(src, peft_dir, share_a=True)
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, model_type_hf="llama",
                 load_lora_from_hf=peft_dir, save_dir=imported, target_tensor_parallel_size=2)
-    lora = LoRAConfig.from_dict(mf.read_meta(imported)[1]["lora_config"])
+    lora = LoRAConfig.from_dict(fmt.read_meta(imported)[1]["lora_config"])
     expected = hf_logits(src, IDS, adapter=peft_dir)
     for layout in ("TP2", "PP2"):
         tp, pp = LAYOUTS[layout]
