@@ -15,12 +15,13 @@ import argparse
 import io
 import os
 import pickle
-import tempfile
 from typing import Any, Optional, Union
 
 import torch
 
 from mindlora.config import LoRAConfig, ModelConfig
+from mindlora.runtime.dtypes import dtype_from_name, dtype_name  # noqa: F401  (reshard reads here)
+from mindlora.runtime.files import atomic_path
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -28,20 +29,6 @@ FORMAT_VERSION = 1
 CHECKPOINT_VERSION = 3.0
 KINDS = ("base", "adapter")
 Iteration = Union[int, str]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (what metadata stores)."""
-    return str(dtype).replace("torch.", "")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown params dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 def iteration_dir_name(iteration: Iteration) -> str:
     """``iter_0000001``, or ``release`` for Megatron's release checkpoints."""
@@ -65,18 +52,10 @@ def chunk_keys(vpp: Optional[int]) -> list[str]:
     return ["model"] if not vpp else [f"model{v}" for v in range(vpp)]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_tracker(root: str, iteration: Iteration) -> None:
     """Write ``latest_checkpointed_iteration.txt`` (atomically; write it after the rank files)."""
-    _atomic_write_text(os.path.join(root, TRACKER), str(iteration))
+    with atomic_path(os.path.join(root, TRACKER)) as tmp, open(tmp, "w") as f:
+        f.write(str(iteration))
 
 
 def read_tracker(root: str) -> Iteration:
@@ -143,19 +122,8 @@ def validate_meta(meta: Any, path: str) -> dict[str, Any]:
 
 def write_rank_file(path: str, payload: dict[str, Any]) -> None:
     """``torch.save`` ``payload`` to ``path`` atomically (temp file + fsync + rename)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def allow_megatron_args() -> None:
@@ -236,51 +204,3 @@ def read_meta(load_dir: str, iteration: Optional[Iteration] = None,
         from mindlora.checkpoint.megatron_lm import LegacyLayout
         return iteration, LegacyLayout(load_dir, iteration, hf_config_dir).metas[0, 0]
     return iteration, validate_meta(payload.get("mindlora"), path)
-
-
-def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[int],
-                     pre_process: bool, post_process: bool, tie_word_embeddings: bool,
-                     padded_vocab_size: int, iteration: Optional[Iteration] = None,
-                     hf_config_dir: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """State dict of one model chunk in the *target* layout, from a checkpoint of any layout.
-
-    Reads only the source rank files that hold ``layer_ids`` (memory-mapped), gathers each tensor
-    to its full shape and cuts this rank's shard (mindlora.models.sharding). Works for base and
-    adapter checkpoints alike; an adapter yields only ``lora_A``/``lora_B`` keys.
-
-    Args:
-        load_dir: the checkpoint root (holds ``latest_checkpointed_iteration.txt``).
-        tp_size, tp_rank: the target tensor-parallel layout and this rank.
-        layer_ids: global ids of the chunk's layers, in local order (``decoder.layers.{j}``).
-        pre_process / post_process: the chunk holds the embedding / final norm and output layer.
-        tie_word_embeddings: the model ties the output layer to the embedding; a last stage
-            without the embedding then gets ``output_layer.weight`` as a copy of it.
-        padded_vocab_size: vocabulary rows of the target model (all TP ranks together).
-        hf_config_dir: HF config.json folder for Megatron-LM checkpoints (see :func:`read_meta`).
-    """
-    from mindlora.checkpoint.reshard import MegatronReader, shard_tensor
-
-    reader = MegatronReader(load_dir, iteration, hf_config_dir)
-    if reader.model_config.tie_word_embeddings != tie_word_embeddings:
-        raise ValueError(f"{load_dir}: checkpoint has tie_word_embeddings="
-                         f"{reader.model_config.tie_word_embeddings}, model has "
-                         f"{tie_word_embeddings}")
-    out: dict[str, torch.Tensor] = {}
-    for j, layer_id in enumerate(layer_ids):
-        for key, full in reader.full_layer(layer_id).items():
-            out[f"decoder.layers.{j}.{key}"] = shard_tensor(key, full, tp_size, tp_rank)
-    if reader.kind != "base":
-        return out
-    wanted = []
-    if pre_process:
-        wanted.append(("embedding.word_embeddings.weight", "embedding.word_embeddings.weight"))
-    if post_process:
-        wanted.append(("decoder.final_layernorm.weight", "decoder.final_layernorm.weight"))
-        if not tie_word_embeddings:
-            wanted.append(("output_layer.weight", "output_layer.weight"))
-        elif not pre_process:
-            wanted.append(("output_layer.weight", "embedding.word_embeddings.weight"))
-    for key, source_key in wanted:
-        out[key] = shard_tensor(key, reader.full_global(source_key), tp_size, tp_rank,
-                                padded_vocab_size)
-    return out

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LORA_TARGETS, LoRAConfig, ModelConfig, fail_if
 
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -194,11 +194,11 @@ class LegacyLayout:
     reported before anything is written.
     """
 
-    def __init__(self, root: str, iteration: mf.Iteration, hf_config_dir: Optional[str] = None
+    def __init__(self, root: str, iteration: fmt.Iteration, hf_config_dir: Optional[str] = None
                  ) -> None:
-        pp0 = mf.find_pp_size(root, iteration)
-        path0 = mf.rank_file_path(root, iteration, 0, 0, pp0)
-        first = mf.load_rank_file(path0)
+        pp0 = fmt.find_pp_size(root, iteration)
+        path0 = fmt.rank_file_path(root, iteration, 0, 0, pp0)
+        first = fmt.load_rank_file(path0)
         a = args_dict(first, path0)
         tp, pp = int(a.get("tensor_model_parallel_size") or 1), int(
             a.get("pipeline_model_parallel_size") or 1)
@@ -215,13 +215,13 @@ class LegacyLayout:
                              f"{a['virtual_pipeline_model_parallel_size']}")
         self.hf = _hf_config(hf_config_dir)
         model_config_from_args(a, self.hf, path0, need_vocab=False)  # fail before the scan
-        keys = mf.chunk_keys(vpp)
+        keys = fmt.chunk_keys(vpp)
         counts, states0 = [], None
         for p in range(pp):
             row = None
             for t in range(tp):
-                path = mf.rank_file_path(root, iteration, t, p, pp)
-                payload = mf.load_rank_file(path)
+                path = fmt.rank_file_path(root, iteration, t, p, pp)
+                payload = fmt.load_rank_file(path)
                 if not is_foreign(payload):
                     raise ValueError(f"{path} is not a Megatron-LM file like {path0}")
                 states = [normalize_keys(payload[k], path) for k in keys]
@@ -250,7 +250,7 @@ class LegacyLayout:
         for p in range(pp):
             layer_ids = {k: ids[p, v] for v, k in enumerate(keys)}
             for t in range(tp):
-                meta = mf.build_meta(self.kind, cfg, tp, pp, vpp, layer_ids, padded, dtype, lora,
+                meta = fmt.build_meta(self.kind, cfg, tp, pp, vpp, layer_ids, padded, dtype, lora,
                                      tp_rank=t, pp_rank=p)
                 meta["source"] = "megatron"
                 self.metas[t, p] = meta

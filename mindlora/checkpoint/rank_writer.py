@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mindlora.checkpoint.megatron_format import allow_megatron_args
 
-Path = tuple
+KeyPath = tuple  # a tensor's place in a nested payload: ("model", "decoder.layers.0...")
 
 
 def _fake_like(tree: Any, mode: FakeTensorMode) -> Any:
@@ -40,16 +40,16 @@ def _fake_like(tree: Any, mode: FakeTensorMode) -> Any:
     return tree
 
 
-def _tensors(tree: Any, prefix: Path = ()) -> dict[Path, torch.Tensor]:
+def _tensors(tree: Any, prefix: KeyPath = ()) -> dict[KeyPath, torch.Tensor]:
     if isinstance(tree, dict):
-        out: dict[Path, torch.Tensor] = {}
+        out: dict[KeyPath, torch.Tensor] = {}
         for k, v in tree.items():
             out.update(_tensors(v, prefix + (k,)))
         return out
     return {prefix: tree} if isinstance(tree, torch.Tensor) else {}
 
 
-def _locate(path: str) -> dict[Path, int]:
+def _locate(path: str) -> dict[KeyPath, int]:
     """File offset of every tensor's bytes in a torch zip file (see the module docstring)."""
     reader = torch._C.PyTorchFileReader(path)
     records = [n for n in reader.get_all_records() if n.startswith("data/")]
@@ -85,7 +85,7 @@ class StreamingRankFile:
         self._offsets = _locate(path)
         self._pending = set(self._planned)
 
-    def write(self, tensors: dict[Path, torch.Tensor]) -> None:
+    def write(self, tensors: dict[KeyPath, torch.Tensor]) -> None:
         """Write tensors keyed by their path in the payload, e.g. ``("model", "x.weight")``."""
         fd = os.open(self.path, os.O_WRONLY)
         try:

@@ -7,9 +7,7 @@ every rank with the same message, before the model is loaded.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from typing import Callable, Optional, TextIO
 
 import torch.distributed as dist
@@ -21,6 +19,7 @@ from mindlora.generation.engine import Generation, Generator, check_prompt_lengt
 from mindlora.generation.loading import load_for_generation, read_model_config
 from mindlora.generation.prompts import ChatFormat, PromptRecord, read_prompt_file
 from mindlora.runtime import init_distributed
+from mindlora.runtime.files import atomic_path
 
 
 def _from_rank0(fn: Callable[[], object]) -> object:
@@ -106,19 +105,8 @@ def write_jsonl(rows: list[dict], path: Optional[str], stdout: TextIO) -> None:
         stdout.write(text)
         stdout.flush()
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".generate.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def interactive(gen: Generator, chat: ChatFormat, cfg: GenerateConfig, out: TextIO) -> None:

@@ -2,7 +2,7 @@
 
 The architecture comes from the base checkpoint's metadata and the LoRA hyper-parameters from the
 adapter's, so no shape or LoRA flag is needed. Loading goes through the very functions training
-uses (``mindlora.training.checkpointing.load_base`` / ``load_adapter`` with ``finetune``), so a
+uses for ``--load`` / ``--lora-load --finetune`` (``mindlora.checkpoint.loading``), so a
 checkpoint of any TP x PP layout loads into any other, exactly as for ``--finetune``.
 """
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Optional
 
 import torch
 
+from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import build_model, transformer_config
 from mindlora.runtime import init_parallel
-from mindlora.training import checkpointing as ckpt
 
 
 @dataclass
@@ -74,10 +74,9 @@ def load_for_generation(load: str, lora_load: Optional[str], parallel: ParallelC
     init_parallel(layout, seed=seed)
     config = transformer_config(model, layout, dtype)
     chunks = build_model(model, layout, lora, dtype, config)
-    ckpt.load_base(load, chunks, model, layout, hf_config_dir=hf_config_dir)
+    loading.load_base(load, chunks, model, layout, hf_config_dir=hf_config_dir)
     if lora_load:
-        ckpt.load_adapter(lora_load, chunks, None, model, lora, layout, finetune=True,
-                          hf_config_dir=hf_config_dir)
+        loading.load_adapter_weights(lora_load, chunks, model, lora, layout, hf_config_dir)
     for c in chunks:
         c.eval()
     return LoadedModel(chunks, model, lora)

@@ -14,6 +14,10 @@ Applied by :func:`mindlora.runtime.init_distributed` only when the runtime devic
    they are pointed at the NPU generator, so the model-parallel tracker forks per-TP-rank
    dropout streams on the NPU and activation recomputation replays them.
 
+Adaptation 2 is recorded and :func:`undo_npu_compat` puts megatron-core's helpers back (the same
+shape as ``compat.py``). Adaptation 1 is Ascend's own process-wide adapter and cannot be taken
+back once imported; it is meant for the whole NPU process, which runs nothing on CUDA.
+
 Nothing in this module has run on an Ascend NPU yet: ``tests/runtime/test_npu_compat.py`` checks
 it on the CPU against a stand-in ``torch_npu``. megatron-core's files are never edited.
 """
@@ -24,7 +28,8 @@ from typing import Any
 
 import torch
 
-_APPLIED = False
+# (owner, attribute, value before the patch); empty when the RNG helpers are megatron's own.
+_UNDO: list[tuple[Any, str, Any]] = []
 
 
 def _npu_get_rng_state(device: Any = "npu", clone: bool = False,
@@ -41,8 +46,7 @@ def _npu_set_rng_state(new_state: torch.Tensor, device: Any = -1,
 
 def apply_npu_compat() -> None:
     """Apply the Ascend adaptations once (call only when the runtime device is the NPU)."""
-    global _APPLIED
-    if _APPLIED:
+    if _UNDO:
         return
     if importlib.util.find_spec("torch_npu") is None:
         raise RuntimeError("the runtime device is an Ascend NPU but torch_npu is not installed "
@@ -51,6 +55,14 @@ def apply_npu_compat() -> None:
     from torch_npu.contrib import transfer_to_npu  # noqa: F401  (adaptation 1, on import)
     from megatron.core.tensor_parallel import random as mp_random
 
-    mp_random._get_cuda_rng_state = _npu_get_rng_state
-    mp_random._set_cuda_rng_state = _npu_set_rng_state
-    _APPLIED = True
+    for name, value in (("_get_cuda_rng_state", _npu_get_rng_state),
+                        ("_set_cuda_rng_state", _npu_set_rng_state)):
+        _UNDO.append((mp_random, name, getattr(mp_random, name)))
+        setattr(mp_random, name, value)
+
+
+def undo_npu_compat() -> None:
+    """Give megatron-core its own RNG helpers back (``transfer_to_npu`` stays, see above)."""
+    while _UNDO:
+        owner, name, value = _UNDO.pop()
+        setattr(owner, name, value)

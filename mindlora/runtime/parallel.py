@@ -43,7 +43,10 @@ def init_distributed(device: Optional[Device] = None, rank: Optional[int] = None
 
 
 def apply_compat(device: Device) -> None:
-    """Adapt megatron-core to ``device``: the CPU module on CPU, the Ascend module on NPU."""
+    """Adapt megatron-core to ``device``: the CPU module on CPU, the Ascend module on NPU.
+
+    Scoped and reversible (see ``compat.py``): :func:`destroy_parallel` undoes it.
+    """
     if device.kind == "cpu":
         from mindlora.runtime.compat import apply_cpu_compat
 
@@ -52,6 +55,15 @@ def apply_compat(device: Device) -> None:
         from mindlora.runtime.npu_compat import apply_npu_compat
 
         apply_npu_compat()
+
+
+def undo_compat() -> None:
+    """Take back what :func:`apply_compat` did to megatron-core (``destroy_parallel`` calls it)."""
+    from mindlora.runtime.compat import undo_cpu_compat
+    from mindlora.runtime.npu_compat import undo_npu_compat
+
+    undo_cpu_compat()
+    undo_npu_compat()
 
 
 def _free_port() -> int:
@@ -89,10 +101,11 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron-core state and the process group (tests call this between groups)."""
+    """Tear down megatron-core state, the process group and the device adaptations."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    undo_compat()

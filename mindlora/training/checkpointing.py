@@ -16,7 +16,6 @@ samples, and lengths with ``--no-pad-to-seq-lengths``), so each DP rank's RNG st
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,10 +25,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.megatron_lm import megatron_args
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
+from mindlora.runtime.files import fsync_dir
 from mindlora.runtime.rng import capture_rng_state, restore_rng_state
 from mindlora.training import durable
 
@@ -44,26 +45,8 @@ class TrainState:
     nan_iterations: int = 0
 
 
-def _is_lora(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
-
-
 def _lora_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in chunk.state_dict().items() if _is_lora(k)}
-
-
-def _chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: ModelConfig,
-                 parallel: ParallelConfig, iteration=None, hf_config_dir: Optional[str] = None
-                 ) -> dict[str, torch.Tensor]:
-    """This rank's chunk ``vp_stage`` read from a checkpoint of any layout (resharded); a
-    Megatron-LM checkpoint's args are completed by ``hf_config_dir``'s config.json."""
-    tp = parallel.tensor_model_parallel_size
-    return fmt.load_model_shard(
-        load_dir, tp, parallel_state.get_tensor_model_parallel_rank(),
-        chunk_layer_ids(model, parallel, parallel_state.get_pipeline_model_parallel_rank(),
-                        vp_stage),
-        chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
-        padded_vocab_size(model, tp), iteration=iteration, hf_config_dir=hf_config_dir)
+    return {k: v.detach().clone() for k, v in chunk.state_dict().items() if loading.is_lora_key(k)}
 
 
 def _rng_state() -> dict:
@@ -121,11 +104,11 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
             "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,
             "rng_state": rng_states, "train_state": vars(state).copy(),
         })
-        payload["content_sha256"] = durable.content_digest(payload)
+        payload["content_sha256"] = loading.content_digest(payload)
         path = os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp), fmt.RANK_FILE)
         try:
             fmt.write_rank_file(path, payload)
-            durable.fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
             durable.fault_point("rank_file_written", path)
         except OSError as e:
             failure = f"{path}: {e.strerror or e}"
@@ -162,43 +145,6 @@ def _raise_if_any_failed(failure: str, save_dir: str, tmp_root: str, iteration: 
         f"checkpoint ({previous}) is untouched")
 
 
-def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfig) -> None:
-    errors = []
-    saved_model = ModelConfig.from_dict(meta["model_config"])
-    if meta.get("source") == "megatron":  # args describe the shape only: compare that
-        fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                  "num_query_groups", "kv_channels")
-        same = all(getattr(saved_model, f) == getattr(model, f) for f in fields)
-    else:
-        same = saved_model == model
-    if not same:
-        errors.append(f"it was trained on another base model ({saved_model.family}, "
-                      f"{saved_model.num_layers} layers, hidden {saved_model.hidden_size}) than "
-                      f"--load ({model.family}, {model.num_layers} layers, hidden "
-                      f"{model.hidden_size})")
-    saved = LoRAConfig.from_dict(meta["lora_config"])
-    for flag, a, b in (("--lora-r", saved.r, lora.r), ("--lora-alpha", saved.alpha, lora.alpha),
-                       ("--lora-target-modules", list(saved.target_modules),
-                        list(lora.target_modules)),
-                       ("--lora-use-rslora", saved.use_rslora, lora.use_rslora)):
-        if a != b:
-            errors.append(f"{flag} is {b} but the adapter was saved with {a}")
-    if errors:
-        raise ValueError(f"--lora-load {path}: " + "; ".join(errors))
-
-
-def saved_lora_structure(lora_load: str, lora: LoRAConfig, hf_config_dir: Optional[str] = None
-                         ) -> LoRAConfig:
-    """``lora`` (the flags) with the rank-stacked structure (``ranks``, ``scalings``) of the
-    adapter in ``lora_load``, so the model is built to hold it; flags are checked on load."""
-    _, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
-    saved = meta.get("lora_config") or {}
-    ranks = {k: v for k, v in (saved.get("ranks") or {}).items() if k in lora.target_modules}
-    scalings = {k: v for k, v in (saved.get("scalings") or {}).items()
-                if k in lora.target_modules}
-    return dataclasses.replace(lora, ranks=ranks, scalings=scalings)
-
-
 def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
                  optimizer: Optional[torch.optim.Optimizer], model: ModelConfig,
                  lora: LoRAConfig, parallel: ParallelConfig, finetune: bool,
@@ -215,12 +161,11 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     the state saved by rank r mod (saved DP size): the ranks then see other samples, so dropout
     masks cannot continue the old run's anyway.
     """
-    iteration, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
-    if meta["kind"] != "adapter":
-        raise ValueError(f"--lora-load {lora_load} holds a {meta['kind']} checkpoint, not an "
-                         f"adapter (pass base weights with --load)")
-    _check_compatible(meta, lora_load, model, lora)
-    if meta.get("source") == "megatron" and not finetune:
+    if finetune:
+        loading.load_adapter_weights(lora_load, chunks, model, lora, parallel, hf_config_dir)
+        return TrainState(), None
+    iteration, meta = loading.read_adapter_meta(lora_load, model, lora, hf_config_dir)
+    if meta.get("source") == "megatron":
         raise ValueError(f"--lora-load {lora_load} is a MindSpeed-LLM / Megatron-LM LoRA "
                          f"checkpoint: its optimizer and RNG state are not mindlora's, so it can "
                          f"only start a new run from its weights: add --finetune")
@@ -230,13 +175,6 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     keys = fmt.chunk_keys(vpp)
     same_layout = (meta["tp"], meta["pp"], meta.get("vpp")) == (tp, pp, vpp)
-    if finetune:
-        for rank_path in durable.rank_files(lora_load, iteration):  # adapters are small: check all
-            durable.verify_content(fmt.load_rank_file(rank_path), rank_path)
-        for v, chunk in enumerate(chunks):
-            _load_lora_weights(chunk, _chunk_shard(lora_load, chunk, v, model, parallel,
-                                                   iteration, hf_config_dir), lora_load)
-        return TrainState(), None
     if not same_layout:
         raise ValueError(
             f"--lora-load {lora_load} was saved with TP={meta['tp']} PP={meta['pp']} "
@@ -246,9 +184,9 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
             f"adapter weights, which are resharded to any layout.")
     path = fmt.rank_file_path(lora_load, iteration, tp_rank, pp_rank, pp)
     payload = fmt.load_rank_file(path, mmap=False)
-    durable.verify_content(payload, path)
+    loading.verify_content(payload, path)
     for key, chunk in zip(keys, chunks):
-        _load_lora_weights(chunk, payload[key], path)
+        loading.load_lora_weights(chunk, payload[key], path)
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
     if load_rng:
@@ -257,49 +195,3 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
         _set_rng_state(saved[parallel_state.get_data_parallel_rank() % len(saved)])
     state = TrainState(**payload["train_state"])
     return state, payload.get("loss_scaler") if optimizer is not None else None
-
-
-def _load_lora_weights(chunk: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    own = {k for k in chunk.state_dict() if _is_lora(k)}
-    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
-    if missing or unexpected:
-        raise ValueError(f"{where}: adapter tensors do not match the model "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    with torch.no_grad():
-        params = dict(chunk.named_parameters())
-        for k, t in sd.items():
-            if params[k].shape != t.shape:
-                raise ValueError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects "
-                                 f"{tuple(params[k].shape)}")
-            params[k].copy_(t)
-
-
-def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
-              parallel: ParallelConfig, hf_config_dir: Optional[str] = None) -> None:
-    """Load the frozen base weights of this rank's chunks from a checkpoint of any layout
-    (mindlora's, or Megatron-LM / MindSpeed-LLM's: see mindlora.checkpoint.megatron_lm)."""
-    for v, chunk in enumerate(chunks):
-        sd = _chunk_shard(load_dir, chunk, v, model, parallel, hf_config_dir=hf_config_dir)
-        own = {k for k in chunk.state_dict() if not k.endswith("_extra_state") and not _is_lora(k)}
-        missing = sorted(own - set(sd))
-        if missing:
-            raise ValueError(f"--load {load_dir}: the checkpoint lacks {len(missing)} tensor(s) "
-                             f"the model needs, e.g. {missing[:3]}")
-        params = dict(chunk.state_dict(keep_vars=True))
-        with torch.no_grad():
-            for k in own:
-                if params[k].shape != sd[k].shape:
-                    raise ValueError(f"--load {load_dir}: {k} has shape {tuple(sd[k].shape)}, the "
-                                     f"model expects {tuple(params[k].shape)}")
-                if sd[k].is_floating_point() and not bool(torch.isfinite(sd[k]).all()):
-                    raise ValueError(f"--load {_describe(load_dir)}: {k} holds NaN/Inf values; "
-                                     f"the base checkpoint is damaged (convert it again)")
-                params[k].copy_(sd[k])
-
-
-def _describe(load_dir: str) -> str:
-    """``load_dir`` and the iteration directory its tracker names (where the rank files are)."""
-    try:
-        return os.path.join(load_dir, fmt.iteration_dir_name(fmt.read_tracker(load_dir)))
-    except (OSError, ValueError):
-        return load_dir

@@ -12,7 +12,7 @@ from functools import partial
 from mindlora.config import ModelConfig
 from mindlora.data.dataset import build_train_valid_test, collate, parse_data_path
 from mindlora.data.indexed import require_dataset
-from mindlora.data.meta import check_tokenizer, meta_path, read_meta
+from mindlora.data.meta import check_tokenizer, meta_path, read_dataset_meta
 from mindlora.data.templates import get_template
 
 
@@ -27,7 +27,7 @@ class TrainingData:
             get_template(data_cfg.prompt_type)  # an unknown name fails, listing the known ones
         for _, prefix in pairs:
             require_dataset(f"{prefix}_packed_input_ids_document")
-            meta = read_meta(prefix, required=False)
+            meta = read_dataset_meta(prefix, required=False)
             if meta is not None and data_cfg.prompt_type and \
                     meta.get("prompt_type") != data_cfg.prompt_type:
                 raise ValueError(

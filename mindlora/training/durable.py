@@ -1,4 +1,6 @@
-"""Durable checkpoint files: fsync, atomic publication of a directory, pruning, checksums.
+"""Durable checkpoint files: fsync, atomic publication of a directory, pruning.
+
+(Content checksums are written and checked by ``mindlora.checkpoint.loading``.)
 
 A save is published in the order write, fsync, rename aside (if needed), rename in, tracker:
 ``publish`` moves a complete temporary directory to ``iter_XXXXXXX`` and only then rewrites
@@ -14,13 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import os
 import shutil
 
-import torch
-
 from mindlora.checkpoint import megatron_format as fmt
+from mindlora.runtime.files import fsync_dir
 
 
 class CheckpointWriteError(OSError):
@@ -30,47 +30,6 @@ class CheckpointWriteError(OSError):
 def fault_point(stage: str, path: str) -> None:
     """Fault-injection seam for the reliability tests (no-op): called inside a save at ``stage``
     (``rank_file_written`` on every writer, ``renamed_aside`` on rank 0 in the fallback swap)."""
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def content_digest(payload: dict) -> str:
-    """SHA-256 over every tensor of a rank file's payload (path, dtype, shape, bytes) and its
-    plain values: torch does not check its zip CRCs, so a flipped byte in a tensor would
-    otherwise load as a silently different adapter or optimizer state."""
-    h = hashlib.sha256()
-
-    def walk(node, path: str) -> None:
-        if isinstance(node, dict):
-            for k in sorted(node, key=str):
-                if path or k not in ("content_sha256", "mindlora", "args"):  # metadata
-                    walk(node[k], f"{path}/{k}")
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                walk(v, f"{path}/{i}")
-        elif isinstance(node, torch.Tensor):
-            t = node.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{path}:{t.dtype}:{tuple(node.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(f"{path}={node!r}".encode())
-
-    walk(payload, "")
-    return h.hexdigest()
-
-
-def verify_content(payload: dict, path: str) -> None:
-    """Raise a ValueError naming ``path`` when its content does not match the saved digest."""
-    saved = payload.get("content_sha256")
-    if saved is not None and content_digest(payload) != saved:
-        raise ValueError(f"{path} is corrupt: its content does not match the checksum written "
-                         f"with it (a damaged or partly copied file); use another checkpoint")
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -145,10 +104,3 @@ def prune(save_dir: str, keep: int) -> list[int]:
             shutil.rmtree(os.path.join(save_dir, fmt.iteration_dir_name(it)))
             removed.append(it)
     return removed
-
-
-def rank_files(root: str, iteration) -> list[str]:
-    """Every ``mp_rank_*/model_optim_rng.pt`` of one iteration."""
-    it_dir = os.path.join(root, fmt.iteration_dir_name(iteration))
-    return [os.path.join(it_dir, d, fmt.RANK_FILE) for d in sorted(os.listdir(it_dir))
-            if d.startswith("mp_rank_") and os.path.isfile(os.path.join(it_dir, d, fmt.RANK_FILE))]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
 from mindlora.lora.blocks import keep_block_structure
@@ -24,6 +25,7 @@ from mindlora.models.builder import build_model, padded_vocab_size, parameter_re
 from mindlora.models.builder import transformer_config
 from mindlora.runtime import init_distributed, init_parallel
 from mindlora.runtime.device import to_device
+from mindlora.runtime.dtypes import from_flags
 from mindlora.training import checkpointing as ckpt
 from mindlora.training.args import ARCH_FLAGS, RunConfig
 from mindlora.training.batches import BatchPlan, SampleOrder, micro_batches, pad_to_common_length
@@ -119,7 +121,7 @@ class Trainer:
                              f"follows the device: cuda nccl, npu hccl, cpu gloo)")
         self.model_cfg, self.parallel = resolve_model(run)
         init_parallel(self.parallel, seed=t.seed)
-        self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        self.dtype = from_flags(t.bf16, t.fp16)
         tp = self.parallel.tensor_model_parallel_size
         self.data = TrainingData(run.data, t, self.model_cfg, tp, self.parallel.sequence_parallel)
         self.plan = BatchPlan(t.global_batch_size, t.micro_batch_size,
@@ -139,10 +141,10 @@ class Trainer:
         config.grad_scale_func = (lambda loss: loss * self.scaler.scale) if t.fp16 else None
         hf_dir = run.data.tokenizer_name_or_path
         # an imported PEFT adapter may stack q/k/v factors: build and train with its structure
-        self.lora = ckpt.saved_lora_structure(t.lora_load, run.lora, hf_dir) if t.lora_load \
+        self.lora = loading.saved_lora_structure(t.lora_load, run.lora, hf_dir) if t.lora_load \
             else run.lora
         self.chunks = build_model(self.model_cfg, self.parallel, self.lora, self.dtype, config)
-        ckpt.load_base(t.load, self.chunks, self.model_cfg, self.parallel, hf_config_dir=hf_dir)
+        loading.load_base(t.load, self.chunks, self.model_cfg, self.parallel, hf_config_dir=hf_dir)
         keep_block_structure(self.chunks, self.lora, self.model_cfg,
                              self.parallel.tensor_model_parallel_size,
                              parallel_state.get_tensor_model_parallel_rank())

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from mindlora.config import ModelConfig
 from mindlora.data.dataset import parse_data_path
-from mindlora.data.meta import read_meta
+from mindlora.data.meta import read_dataset_meta
 from mindlora.data.tokenizer import load_tokenizer
 from mindlora.generation import ChatFormat, Generator, SamplingConfig, read_prompt_file
 from mindlora.generation.engine import check_prompt_lengths
@@ -33,7 +33,7 @@ class SampleAnswers:
     def __init__(self, run, chunks: list[torch.nn.Module], model: ModelConfig,
                  log: Callable[[str], None], tensorboard=None) -> None:
         t, d = run.train, run.data
-        meta = read_meta(parse_data_path(d.data_path)[0][1], required=False) or {}
+        meta = read_dataset_meta(parse_data_path(d.data_path)[0][1], required=False) or {}
         tokenizer = d.tokenizer_name_or_path or meta.get("tokenizer_path")
         prompt_type = d.prompt_type or meta.get("prompt_type")
         if not tokenizer or not prompt_type:

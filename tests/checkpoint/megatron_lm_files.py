@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.reshard import MegatronReader
 from mindlora.models.sharding import shard, split_rule
 
@@ -67,7 +67,7 @@ def to_megatron_lm(src: str, dst: str, divisible_by: int = 160, iteration: int =
     args = megatron_args(reader, padded, divisible_by, **extra)
     for p in range(reader.pp):
         for t in range(tp):
-            payload = mf.load_rank_file(reader.path(t, p), mmap=False)
+            payload = fmt.load_rank_file(reader.path(t, p), mmap=False)
             model = {}
             for key, value in payload["model"].items():
                 if key in VOCAB:
@@ -88,9 +88,9 @@ def to_megatron_lm(src: str, dst: str, divisible_by: int = 160, iteration: int =
                                                   "np_rng_state": np.random.get_state(),
                                                   "torch_rng_state": torch.get_rng_state()}],
                    "num_floating_point_operations_so_far": 0}
-            path = mf.rank_file_path(dst, iteration, t, p, reader.pp)
+            path = fmt.rank_file_path(dst, iteration, t, p, reader.pp)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save(out, path)
-    with open(os.path.join(dst, mf.TRACKER), "w") as f:
+    with open(os.path.join(dst, fmt.TRACKER), "w") as f:
         f.write(str(iteration))
     return dst

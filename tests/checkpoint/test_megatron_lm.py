@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.megatron_lm import LegacyLayout
 from mindlora.checkpoint.reshard import MegatronReader
 from tests.checkpoint.conftest import assert_same_tensors, load_hf_tensors, run_convert
@@ -22,7 +22,7 @@ from tests.checkpoint.megatron_lm_files import to_megatron_lm
 
 def _model_dicts(root):
     reader = MegatronReader(root)
-    return {(t, p): mf.load_rank_file(reader.path(t, p), mmap=False)["model"]
+    return {(t, p): fmt.load_rank_file(reader.path(t, p), mmap=False)["model"]
             for p in range(reader.pp) for t in range(reader.tp)}
 
 
@@ -35,7 +35,7 @@ def test_megatron_lm_checkpoint_converts_bit_exact(hf_models, tmp_path, name, la
                 target_pipeline_parallel_size=2, num_layer_list=layers)
     lm = to_megatron_lm(mg, str(tmp_path / "lm"),
                         lora_args={"num_layer_list": "1,3"} if layers else None)
-    raw = mf.load_rank_file(mf.rank_file_path(lm, 1000, 1, 1, 2))  # numpy RNG state too
+    raw = fmt.load_rank_file(fmt.rank_file_path(lm, 1000, 1, 1, 2))  # numpy RNG state too
     assert "mindlora" not in raw and raw["args"].padded_vocab_size == 320
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in raw["model"]
 
@@ -70,13 +70,13 @@ def test_megatron_lm_checkpoint_errors_name_the_problem(hf_models, tmp_path):
     bad = to_megatron_lm(mg, str(tmp_path / "bad"), lora_args={"num_layer_list": "1,3"})
     with pytest.raises(ValueError, match=r"layers per \(stage, chunk\) \[\[2\], \[2\]\] differ "
                                          r"from what args say \(\[\[1\], \[3\]\]"):
-        mf.read_meta(bad, hf_config_dir=src)
+        fmt.read_meta(bad, hf_config_dir=src)
     wrong = to_megatron_lm(mg, str(tmp_path / "wrong"), lora_args={"hidden_size": 32})
     with pytest.raises(ValueError, match=r"hidden_size: args 32, config.json 64"):
-        mf.read_meta(wrong, hf_config_dir=src)
-    os.remove(mf.rank_file_path(lm, 1000, 1, 1, 2))
+        fmt.read_meta(wrong, hf_config_dir=src)
+    os.remove(fmt.rank_file_path(lm, 1000, 1, 1, 2))
     with pytest.raises(FileNotFoundError, match=r"mp_rank_01_001/model_optim_rng.pt"):
-        mf.read_meta(lm, hf_config_dir=src)
+        fmt.read_meta(lm, hf_config_dir=src)
 
 
 def test_mindlora_checkpoints_carry_megatron_args(hf_models, tmp_path):
@@ -86,7 +86,7 @@ def test_mindlora_checkpoints_carry_megatron_args(hf_models, tmp_path):
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=hf_models["qwen3"],
                 save_dir=mg, model_type_hf="qwen3", target_tensor_parallel_size=2,
                 target_pipeline_parallel_size=2, num_layer_list=[3, 1])
-    payload = torch.load(mf.rank_file_path(mg, 1, 0, 1, 2), weights_only=True)
+    payload = torch.load(fmt.rank_file_path(mg, 1, 0, 1, 2), weights_only=True)
     args = payload["args"]
     assert (args.num_layers, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
             args.num_layer_list, args.qk_layernorm, args.kv_channels) == (4, 2, 2, "3,1", True, 32)
@@ -94,8 +94,8 @@ def test_mindlora_checkpoints_carry_megatron_args(hf_models, tmp_path):
     shutil.copytree(mg, stripped)
     for p in range(2):
         for t in range(2):
-            path = mf.rank_file_path(stripped, 1, t, p, 2)
-            data = mf.load_rank_file(path, mmap=False)
+            path = fmt.rank_file_path(stripped, 1, t, p, 2)
+            data = fmt.load_rank_file(path, mmap=False)
             del data["mindlora"]
             torch.save(data, path)
     theirs = LegacyLayout(stripped, 1).metas
@@ -133,11 +133,11 @@ def test_megatron_lm_interleaved_checkpoint(hf_models, tmp_path):
                 for key in ("decoder.final_layernorm.weight", "output_layer.weight"):
                     layer[key] = reader.full_global(key)
             payload[f"model{v}"] = layer
-        path = mf.rank_file_path(root, 5, 0, p, 2)
+        path = fmt.rank_file_path(root, 5, 0, p, 2)
         os.makedirs(os.path.dirname(path))
         torch.save(payload, path)
-    mf.write_tracker(root, 5)
-    meta = mf.read_meta(root, hf_config_dir=src)[1]
+    fmt.write_tracker(root, 5)
+    meta = fmt.read_meta(root, hf_config_dir=src)[1]
     assert meta["vpp"] == 2 and meta["layer_ids"] == {"model0": [0], "model1": [2]}
     out = str(tmp_path / "hf")
     run_convert(load_model_type="mg", save_model_type="hf", load_dir=root, save_dir=out,

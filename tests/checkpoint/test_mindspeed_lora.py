@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.checkpoint.reshard import MegatronReader
 from mindlora.config import LoRAConfig
@@ -30,7 +30,7 @@ def adapters(hf_models, tmp_path):
 
 def test_mindspeed_lora_checkpoint_equals_mindlora_adapter(adapters, tmp_path):
     src, ours, theirs = adapters
-    raw = mf.load_rank_file(mf.rank_file_path(theirs, 1000, 0, 0, 2))
+    raw = fmt.load_rank_file(fmt.rank_file_path(theirs, 1000, 0, 0, 2))
     assert "decoder.layers.0.self_attention.linear_qkv.lora_A.default.weight" in raw["model"]
     reader = MegatronReader(theirs)
     assert reader.kind == "adapter" and reader.lora_config.r == 4
@@ -63,7 +63,7 @@ def test_mindspeed_key_style_export_round_trips(adapters, tmp_path):
     styled = str(tmp_path / "styled")
     run_convert(load_model_type="mg", save_model_type="mg", load_dir=ours, save_dir=styled,
                 target_tensor_parallel_size=2, lora_key_style="mindspeed")
-    payload = mf.load_rank_file(mf.rank_file_path(styled, 1, 1, 0, 1))
+    payload = fmt.load_rank_file(fmt.rank_file_path(styled, 1, 1, 0, 1))
     keys = set(payload["model"])
     assert "decoder.layers.3.mlp.linear_fc1.lora_B.default.weight" in keys
     assert not any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)

@@ -37,6 +37,9 @@ PROBE = textwrap.dedent("""
     assert int(mp_random._get_cuda_rng_state(graph_safe=False)[0]) == 5
     mp_random._set_cuda_rng_state(torch.full((4,), 7, dtype=torch.uint8), graph_safe=False)
     assert torch_npu.state["set"] == [7]
+    from mindlora.runtime.npu_compat import undo_npu_compat
+    undo_npu_compat()
+    assert mp_random._get_cuda_rng_state.__module__ == "megatron.core.tensor_parallel.random"
     print("ok")
 """)
 

@@ -15,11 +15,12 @@ from mindlora.runtime import compat, current, rng
 
 
 @pytest.fixture(autouse=True)
-def _cpu_tracker() -> None:
-    compat.apply_cpu_compat()
-    tracker = get_cuda_rng_tracker()
-    tracker.reset()
-    tracker.add("model-parallel-rng", 77)
+def _cpu_tracker():
+    with compat.cpu_compat():  # undone afterwards: nothing leaks into later tests
+        tracker = get_cuda_rng_tracker()
+        tracker.reset()
+        tracker.add("model-parallel-rng", 77)
+        yield
 
 
 def _draws() -> torch.Tensor:
