@@ -23,8 +23,10 @@ setup(
         "hf": ["transformers>=4.45", "tokenizers", "sentencepiece", "tiktoken", "pyarrow"],
         "peft": ["peft>=0.12"],
         "test": ["pytest", "transformers>=4.45", "peft>=0.12", "tokenizers", "sentencepiece",
-                 "tiktoken", "pyarrow"],
-        "gpu": ["transformer-engine"],
+                 "tiktoken", "pyarrow", "matplotlib"],
+        # bash examples/quickstart.sh: read the GGUF model, plot the loss curve
+        "quickstart": ["transformers>=4.45", "peft>=0.12", "tokenizers", "gguf>=0.10",
+                       "accelerate", "matplotlib"],
         "npu": ["torch-npu"],
     },
 )

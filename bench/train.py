@@ -13,6 +13,8 @@ tokens/s, ms/step, peak RSS and the ratio mindlora / HF+PEFT.
     python bench/train.py                      # SmolLM2-135M shapes, 4 x 256 tokens
     python bench/train.py --tiny --steps 4     # a few seconds, for a smoke run
     python bench/train.py --model qwen3-moe-tiny   # Qwen3-MoE: 4 layers, 8 experts, top-2
+    python bench/train.py --device cuda        # one GPU: Qwen3-8B shapes, bf16, 4 x 4096 tokens,
+                                               # r 16, with TFLOP/s and MFU (bench/gpu_train.py)
 
 For the MoE model mindlora puts LoRA on attention and on every expert's fc1/fc2; HF PEFT 0.21
 targets the same projections, which it maps onto transformers 5's fused expert parameters.
@@ -30,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
@@ -49,24 +52,32 @@ HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def make_model_and_data(work: str, shapes: dict, args) -> tuple[str, str]:
     """Random HF Llama model folder + an indexed SFT dataset of ``steps * batch`` samples."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
-
-    from mindlora.data.indexed import IndexedDatasetWriter
 
     torch.manual_seed(0)
     hf_dir = os.path.join(work, "hf")
     config = (Qwen3MoeConfig if args.family == "qwen3-moe" else LlamaConfig)(**shapes)
     AutoModelForCausalLM.from_config(config).save_pretrained(hf_dir, safe_serialization=True)
     prefix = os.path.join(work, "data", "sft")
+    write_sft_data(prefix, shapes["vocab_size"], args)
+    return hf_dir, prefix
+
+
+def write_sft_data(prefix: str, vocab_size: int, args) -> None:
+    """``steps * batch`` random SFT samples of ``seq_length`` tokens, the first
+    ``prompt_fraction`` of each masked (-100 labels)."""
+    import numpy as np
+
+    from mindlora.data.indexed import IndexedDatasetWriter
+
     os.makedirs(os.path.dirname(prefix))
     rng = np.random.default_rng(0)
     writers = {k: IndexedDatasetWriter(f"{prefix}_packed_{k}_document")
                for k in ("input_ids", "attention_mask", "labels")}
     prompt = int(args.seq_length * args.prompt_fraction)
     for _ in range(args.steps * args.batch):
-        ids = rng.integers(0, shapes["vocab_size"], args.seq_length)
+        ids = rng.integers(0, vocab_size, args.seq_length)
         labels = ids.copy()
         labels[:prompt] = -100
         writers["input_ids"].add_document(ids)
@@ -75,7 +86,6 @@ def make_model_and_data(work: str, shapes: dict, args) -> tuple[str, str]:
     for w in writers.values():
         w.finalize()
         w.commit()
-    return hf_dir, prefix
 
 
 def run_mindlora(work: str, hf_dir: str, prefix: str, args, env: dict, convert: bool) -> dict:
@@ -89,7 +99,8 @@ def run_mindlora(work: str, hf_dir: str, prefix: str, args, env: dict, convert: 
                         "--target-pipeline-parallel-size", "1"],
                        check=True, env=env, stdout=subprocess.DEVNULL)
     cmd = [sys.executable, "-m", "mindlora.train", "--load", mg_dir, "--data-path", prefix,
-           "--micro-batch-size", str(args.batch), "--global-batch-size", str(args.batch),
+           "--micro-batch-size", str(getattr(args, "micro_batch", args.batch)),
+           "--global-batch-size", str(args.batch),
            "--seq-length", str(args.seq_length), "--train-iters", str(args.steps),
            "--lr", "1e-4", "--lr-decay-style", "constant", "--lora-r", str(args.rank),
            "--lora-alpha", str(2 * args.rank), "--log-interval", "1", "--split", "100,0,0",
@@ -146,19 +157,37 @@ def run_hf(hf_dir: str, prefix: str, args, env: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: one GPU, Qwen3-8B shapes, bf16, with TFLOP/s and MFU")
     p.add_argument("--tiny", action="store_true", help="a 4-layer model, for smoke runs")
     p.add_argument("--model", choices=sorted(MODELS), default=None,
-                   help="model shapes (default smollm2-135m; --tiny = tiny)")
-    p.add_argument("--steps", type=int, default=8)
+                   help="cpu model shapes (default smollm2-135m; --tiny = tiny)")
+    p.add_argument("--steps", type=int, default=None, help="8 (cpu) / 6 (cuda)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4, help="samples per optimizer step")
+    p.add_argument("--seq-length", type=int, default=None, help="256 (cpu) / 4096 (cuda)")
+    p.add_argument("--rank", type=int, default=None, help="8 (cpu) / 16 (cuda)")
     p.add_argument("--prompt-fraction", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; best kept (cpu)")
     p.add_argument("--mindlora-flags", default="", help="extra flags for mindlora.train")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="cuda: bf16 peak for MFU when the GPU is not in bench/flops.py's table")
+    p.add_argument("--workdir", default=None, help="cuda: where the base checkpoint is written")
     args = p.parse_args()
+    cuda = args.device == "cuda"
+    args.steps = args.steps or (6 if cuda else 8)
+    args.seq_length = args.seq_length or (4096 if cuda else 256)
+    args.rank = args.rank or (16 if cuda else 8)
+    if cuda:
+        if args.tiny or args.model:
+            p.error("--device cuda benchmarks Qwen3-8B shapes; --tiny / --model are for cpu")
+        from gpu_train import main_cuda
+
+        args.micro_batch = 1
+        args.mindlora_flags = f"--bf16 {args.mindlora_flags}".strip()
+        main_cuda(args, run_mindlora, write_sft_data, HF_TARGETS)
+        return
     if args.tiny and args.model not in (None, "tiny"):
         p.error(f"--tiny contradicts --model {args.model}")
     args.model = args.model or ("tiny" if args.tiny else "smollm2-135m")

@@ -101,6 +101,59 @@ class ModelConfig:
         return cls(**d)
 
 
+TARGET_PATHS = {"linear_qkv": "self_attention.linear_qkv",
+                "linear_proj": "self_attention.linear_proj",
+                "linear_fc1": "mlp.linear_fc1", "linear_fc2": "mlp.linear_fc2"}
+"""Each LoRA target's module path inside ``decoder.layers.N`` of megatron-core's GPTModel."""
+
+
+def resolve_targets(specs, errors: list[str]) -> tuple[str, ...]:
+    """``--lora-target-modules`` entries -> targets in canonical order (problems go to ``errors``).
+
+    An entry is a target name, ``all-linear``, or a regular expression (MindFormers' pet_config
+    style, ``.*linear_qkv|.*linear_fc2``) that must match a whole module path
+    ``decoder.layers.N.self_attention.linear_qkv`` or a bare name ``linear_qkv``. LoRA goes on the
+    same modules in every layer, so a regex that selects some layers only is refused.
+    """
+    chosen: set[str] = set()
+    for spec in specs:
+        if spec in LORA_TARGETS:
+            chosen.add(spec)
+        elif spec == "all-linear":
+            chosen.update(LORA_TARGETS)
+        else:
+            chosen.update(_regex_targets(spec, errors))
+    if not chosen and not errors:
+        errors.append("--lora-target-modules must name at least one target")
+    return tuple(t for t in LORA_TARGETS if t in chosen)
+
+
+def _regex_targets(spec: str, errors: list[str]) -> set[str]:
+    import re
+
+    try:
+        pattern = re.compile(spec)
+    except re.error as e:
+        errors.append(f"--lora-target-modules: unknown target {spec!r}: not one of "
+                      f"{list(LORA_TARGETS)} or all-linear, nor a valid regex ({e})")
+        return set()
+    found, partial = set(), []
+    for target, sub in TARGET_PATHS.items():
+        hits = {bool(pattern.fullmatch(f"decoder.layers.{i}.{sub}")) for i in range(1000)}
+        if len(hits) > 1:
+            partial.append(target)
+        elif hits.pop() or pattern.fullmatch(target):
+            found.add(target)
+    if partial:
+        errors.append(f"--lora-target-modules: regex {spec!r} selects {partial} in some layers "
+                      f"only; LoRA goes on the same modules in every layer")
+    elif not found:
+        errors.append(f"--lora-target-modules: unknown target(s) [{spec!r}]: not one of "
+                      f"{list(LORA_TARGETS)} or all-linear, and as a regex it matches no module "
+                      f"(paths are decoder.layers.N.{TARGET_PATHS['linear_qkv']} ...)")
+    return found
+
+
 @dataclass
 class LoRAConfig:
     """LoRA hyper-parameters: ``y = base(x) + scaling * B(A(dropout(x)))``."""
@@ -112,7 +165,8 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the LoRA input only (``--lora-dropout``)."""
     target_modules: tuple[str, ...] = LORA_TARGETS
-    """Which megatron-core linears get LoRA (``--lora-target-modules``; ``all-linear`` = all)."""
+    """Which megatron-core linears get LoRA, resolved from ``--lora-target-modules`` (names,
+    ``all-linear`` or a regex; see :func:`resolve_targets`). Stored resolved in adapter metadata."""
     use_rslora: bool = False
     """Rank-stabilised scaling ``alpha / sqrt(r)`` (``--lora-use-rslora``)."""
     init_a: str = "kaiming"
@@ -121,36 +175,57 @@ class LoRAConfig:
     """CCLoRA: fold LoRA communication into the base layer's collectives (``--lora-fusion``)."""
     seed: int = 1234
     """Seed of the generator that draws the full (unsharded) A matrices."""
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    """Rank-stacked targets (imported PEFT adapters): target -> the ranks of its HF modules in
+    order (q, k, v / gate, up / o / down). A is ``[A_q; A_k; A_v]`` and B block-structured: each
+    module's output rows use only its own column block (see docs/checkpoint.md). Targets not
+    listed have rank ``r`` and one shared A."""
+    scalings: dict[str, float] = field(default_factory=dict)
+    """Per-target scaling overriding ``alpha / r`` (PEFT ``rank_pattern`` / ``alpha_pattern``)."""
+    fixed_scaling: Optional[float] = None
+    """The scaling of a per-target config made by :meth:`for_target` (what a layer uses)."""
 
     def __post_init__(self) -> None:
-        targets = list(self.target_modules)
-        if "all-linear" in targets:
-            targets = [t for t in targets if t != "all-linear"] + list(LORA_TARGETS)
-        self.target_modules = tuple(t for t in LORA_TARGETS if t in targets)
-        errors = []
+        errors: list[str] = []
+        self.target_modules = resolve_targets(self.target_modules, errors)
         if self.r <= 0:
             errors.append(f"--lora-r ({self.r}) must be > 0")
         if self.alpha <= 0:
             errors.append(f"--lora-alpha ({self.alpha}) must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"--lora-dropout ({self.dropout}) must be in [0, 1)")
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown:
-            errors.append(f"--lora-target-modules: unknown target(s) {unknown}; choose from "
-                          f"{list(LORA_TARGETS)} or all-linear")
-        elif not self.target_modules:
-            errors.append("--lora-target-modules must name at least one target")
         if self.init_a not in ("kaiming", "gaussian"):
             errors.append(f"--lora-init-a ({self.init_a}) must be kaiming or gaussian")
+        modules = {"linear_qkv": 3, "linear_fc1": 2, "linear_proj": 1, "linear_fc2": 1}
+        for target, ranks in self.ranks.items():
+            if target not in self.target_modules or len(ranks) != modules[target] or min(
+                    ranks) < 0 or sum(ranks) < 1:
+                errors.append(f"ranks[{target!r}] ({ranks}) must give {modules.get(target)} "
+                              f"ranks >= 0 (one > 0) of a target in {list(self.target_modules)}")
         fail_if(errors, "LoRA config")
 
     @property
     def scaling(self) -> float:
+        if self.fixed_scaling is not None:
+            return self.fixed_scaling
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_of(self, target: str) -> int:
+        """Rows of ``target``'s A (the stacked rank for a rank-stacked target)."""
+        return sum(self.ranks[target]) if target in self.ranks else self.r
+
+    def scaling_of(self, target: str) -> float:
+        return self.scalings.get(target, self.scaling)
+
+    def for_target(self, target: str) -> "LoRAConfig":
+        """The config one LoRA layer of ``target`` is built with: its rank and its scaling."""
+        return dataclasses.replace(self, r=self.rank_of(target), ranks={}, scalings={},
+                                   fixed_scaling=self.scaling_of(target))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules)
+        d["ranks"] = {k: [int(x) for x in v] for k, v in self.ranks.items()}
         return d
 
     @classmethod

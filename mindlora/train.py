@@ -14,7 +14,7 @@ def main(argv=None) -> int:
 
     try:
         run = parse_args(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"mindlora.train: error: {e}", file=sys.stderr)
         return 2
     from mindlora.runtime import destroy_parallel
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     try:
         train(run, log)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input or a failed save: one line, no traceback
         print(f"mindlora.train: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -1,14 +1,15 @@
 """Checkpoints: Megatron-style layout (read/write/reshard), HF folders, PEFT adapters, conversion.
 
-Training uses the Megatron-layout API re-exported here; tools/convert_ckpt.py drives
+The Megatron-layout API is re-exported here; model weights load through
+:mod:`mindlora.checkpoint.loading` (training and generation alike); tools/convert_ckpt.py drives
 :func:`mindlora.checkpoint.convert.convert`. See docs/checkpoint.md.
 """
 from mindlora.checkpoint.megatron_format import (CHECKPOINT_VERSION, RANK_FILE, TRACKER,
                                                  build_meta, chunk_keys, iteration_dir_name,
-                                                 load_model_shard, load_rank_file, rank_dir_name,
+                                                 load_rank_file, rank_dir_name,
                                                  rank_file_path, read_meta, read_tracker,
                                                  write_rank_file, write_tracker)
 
 __all__ = ["CHECKPOINT_VERSION", "RANK_FILE", "TRACKER", "build_meta", "chunk_keys",
-           "iteration_dir_name", "load_model_shard", "load_rank_file", "rank_dir_name",
+           "iteration_dir_name", "load_rank_file", "rank_dir_name",
            "rank_file_path", "read_meta", "read_tracker", "write_rank_file", "write_tracker"]

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from mindlora.checkpoint.hf_format import HFSource, HFWriter, copy_assets, read_hf_config
+from mindlora.checkpoint.megatron_lm import KEY_STYLES
 from mindlora.checkpoint.peft_format import PEFTSource, PEFTWriter
 from mindlora.checkpoint.reshard import HF_ASSETS, MegatronReader, MegatronWriter
 from mindlora.checkpoint.safetensors_io import parse_size
@@ -55,6 +56,12 @@ class ConvertOptions:
     """bf16 | fp16 | fp32; None keeps the source's dtype."""
     max_shard_size: str = "5GB"
     progress: bool = True
+    hf_cfg_dir: Optional[str] = None
+    """HF model folder whose config.json completes a Megatron-LM checkpoint's ``args``."""
+    lora_key_style: str = "mindlora"
+    """Adapter keys written to mg output: ``mindlora`` (lora_A.weight) or ``mindspeed``."""
+    base_model_name_or_path: Optional[str] = None
+    """adapter_config.json's field on PEFT export (default: config's _name_or_path / folder)."""
 
     def validate(self) -> None:
         """Collect every flag problem and raise once."""
@@ -63,6 +70,11 @@ class ConvertOptions:
                             ("--save-model-type", self.save_model_type)):
             if value not in ("hf", "mg"):
                 errors.append(f"{flag} ({value}) must be hf or mg")
+        if self.lora_key_style not in KEY_STYLES:
+            errors.append(f"--lora-key-style ({self.lora_key_style}) must be one of "
+                          f"{list(KEY_STYLES)}")
+        if self.hf_cfg_dir and not os.path.isfile(os.path.join(self.hf_cfg_dir, "config.json")):
+            errors.append(f"--hf-cfg-dir {self.hf_cfg_dir} has no config.json")
         if self.params_dtype is not None and self.params_dtype not in DTYPES:
             errors.append(f"--params-dtype ({self.params_dtype}) must be one of {list(DTYPES)}")
         if not self.load_dir and not (self.save_lora_to_hf and self.lora_load):
@@ -112,9 +124,11 @@ def staged_dir(save_dir: str) -> Iterator[str]:
 
 
 def merge_lora(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
-               lora_config: LoRAConfig, where: str) -> dict[str, torch.Tensor]:
-    """``W + scaling * B @ A`` for every target (every expert's), in float32, cast back to W's
-    dtype. ``lora`` holds one layer's factors; the model config decides the module paths."""
+               lora_config: LoRAConfig, where: str, dtype: Optional[torch.dtype] = None
+               ) -> dict[str, torch.Tensor]:
+    """``W + scaling * B @ A`` for every target (every expert's), in float32, cast once to
+    ``dtype`` (default: W's dtype), so a bf16 base merged for fp32 output is not rounded to bf16
+    on the way. ``lora`` holds one layer's factors; the model config decides the module paths."""
     out = dict(base)
     paths = sorted(k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight"))
     for path in paths:
@@ -124,8 +138,8 @@ def merge_lora(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
         if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
             raise ValueError(f"{where}: {target} A {tuple(a.shape)} / B {tuple(b.shape)} do not "
                              f"fit the base weight {tuple(w.shape)}")
-        delta = (b.to(torch.float32) @ a.to(torch.float32)) * lora_config.scaling
-        out[f"{path}.weight"] = (w.to(torch.float32) + delta).to(w.dtype)
+        delta = (b.to(torch.float32) @ a.to(torch.float32)) * lora_config.scaling_of(target)
+        out[f"{path}.weight"] = (w.to(torch.float32) + delta).to(dtype or w.dtype)
     return out
 
 
@@ -157,9 +171,11 @@ def check_adapter(adapter: Any, base: Optional[ModelConfig], opts: ConvertOption
         a, b = layer0.get(f"{path}.lora_A.weight"), layer0.get(f"{path}.lora_B.weight")
         if a is None or b is None:
             errors.append(f"layer 0 has no {target} factors although the adapter targets it")
-        elif tuple(a.shape) != (lora.r, in_f) or tuple(b.shape) != (out_f, lora.r):
-            errors.append(f"layer 0 {target}: A {tuple(a.shape)}, B {tuple(b.shape)}; r={lora.r} "
-                          f"expects A ({lora.r}, {in_f}), B ({out_f}, {lora.r})")
+        elif tuple(a.shape) != (lora.rank_of(target), in_f) or tuple(b.shape) != (
+                out_f, lora.rank_of(target)):
+            r = lora.rank_of(target)
+            errors.append(f"layer 0 {target}: A {tuple(a.shape)}, B {tuple(b.shape)}; rank {r} "
+                          f"expects A ({r}, {in_f}), B ({out_f}, {r})")
     fail_if(errors, f"adapter {flag} {where}")
 
 
@@ -178,7 +194,8 @@ def transfer(source: Any, sink: Any, merge: Optional[Any] = None,
     def produce(i: int, meta: bool) -> dict[str, torch.Tensor]:
         full = source.full_layer(i, meta=meta)
         if merge is not None:
-            full = merge_lora(full, merge.full_layer(i, meta=meta), merge.lora_config, where)
+            full = merge_lora(full, merge.full_layer(i, meta=meta), merge.lora_config, where,
+                              dtype)
         return _cast(full, dtype)
 
     num_layers = source.model_config.num_layers
@@ -197,7 +214,7 @@ def open_base(opts: ConvertOptions) -> Any:
     """The source --load-dir names (HF folder or mindlora checkpoint), family checked."""
     if opts.load_model_type == "hf":
         return HFSource(opts.load_dir, opts.model_type_hf)
-    reader = MegatronReader(opts.load_dir)
+    reader = MegatronReader(opts.load_dir, hf_config_dir=opts.hf_cfg_dir)
     family = reader.model_config.family
     if opts.model_type_hf and opts.model_type_hf != family:
         raise ValueError(f"--model-type-hf {opts.model_type_hf} does not match --load-dir "
@@ -225,7 +242,8 @@ def _mg_writer(root: str, kind: str, cfg: ModelConfig, opts: ConvertOptions,
                dtype: torch.dtype, lora: Optional[LoRAConfig]) -> MegatronWriter:
     return MegatronWriter(root, kind, cfg, opts.target_tensor_parallel_size,
                           opts.target_pipeline_parallel_size, opts.num_layer_list, dtype, lora,
-                          ep=opts.target_expert_parallel_size)
+                          ep=opts.target_expert_parallel_size,
+                          key_style=opts.lora_key_style if kind == "adapter" else "mindlora")
 
 
 def _hf_assets(base: Any) -> tuple[Optional[dict], Optional[str]]:
@@ -241,6 +259,22 @@ def _refuse_moe_peft(flag: str, cfg: ModelConfig) -> None:
                      f"with --lora-load instead")
 
 
+def base_model_name(opts: ConvertOptions, base: Any) -> Optional[str]:
+    """adapter_config's ``base_model_name_or_path``: the flag, else config.json's
+    ``_name_or_path`` (unless a local absolute path), else the base folder's name."""
+    if opts.base_model_name_or_path:
+        return opts.base_model_name_or_path
+    assets = base.hf_assets_dir() if base is not None else None
+    config = read_hf_config(assets) if assets and os.path.isfile(
+        os.path.join(assets, "config.json")) else {}
+    name = config.get("_name_or_path")
+    if name and not os.path.isabs(name):
+        return name
+    if opts.load_dir:
+        return os.path.basename(os.path.normpath(opts.load_dir))
+    return None
+
+
 def convert(opts: ConvertOptions) -> str:
     """Run one conversion; return the save directory. See the module docstring for the flow."""
     opts.validate()
@@ -251,14 +285,14 @@ def convert(opts: ConvertOptions) -> str:
     if opts.load_lora_from_hf and base_cfg is not None and base_cfg.is_moe:
         _refuse_moe_peft("--load-lora-from-hf", base_cfg)
     if opts.save_lora_to_hf:
-        source = MegatronReader(opts.lora_load)
+        source = MegatronReader(opts.lora_load, hf_config_dir=opts.hf_cfg_dir)
         check_adapter(source, base_cfg, opts, "--lora-load", opts.lora_load)
     elif opts.load_lora_from_hf:
         family = get_family(base_cfg.family)
         source = PEFTSource(opts.load_lora_from_hf, family, base_cfg)
         check_adapter(source, base_cfg, opts, "--load-lora-from-hf", opts.load_lora_from_hf)
     elif opts.lora_load:
-        merge = MegatronReader(opts.lora_load)
+        merge = MegatronReader(opts.lora_load, hf_config_dir=opts.hf_cfg_dir)
         check_adapter(merge, base_cfg, opts, "--lora-load", opts.lora_load)
     if source.kind == "adapter" and opts.save_model_type == "hf" and not opts.save_lora_to_hf:
         raise ValueError(f"{opts.load_dir} is an adapter: export it with --save-lora-to-hf, or "
@@ -273,7 +307,7 @@ def convert(opts: ConvertOptions) -> str:
     with staged_dir(opts.save_dir) as tmp:
         if opts.save_lora_to_hf:
             sink = PEFTWriter(tmp, family, cfg, source.lora_config, dtype,
-                              opts.load_dir if opts.load_model_type == "hf" else None)
+                              base_model_name(opts, base))
         elif opts.save_model_type == "mg":
             sink = _mg_writer(tmp, source.kind, cfg, opts, out_dtype, source.lora_config)
         else:

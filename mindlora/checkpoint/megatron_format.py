@@ -12,14 +12,16 @@ only its pages.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
-import tempfile
 from typing import Any, Optional, Union
 
 import torch
 
 from mindlora.config import LoRAConfig, ModelConfig
+from mindlora.runtime.dtypes import dtype_from_name, dtype_name  # noqa: F401  (reshard reads here)
+from mindlora.runtime.files import atomic_path
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -27,20 +29,6 @@ FORMAT_VERSION = 1
 CHECKPOINT_VERSION = 3.0
 KINDS = ("base", "adapter")
 Iteration = Union[int, str]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (what metadata stores)."""
-    return str(dtype).replace("torch.", "")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown params dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 def iteration_dir_name(iteration: Iteration) -> str:
     """``iter_0000001``, or ``release`` for Megatron's release checkpoints."""
@@ -67,16 +55,10 @@ def chunk_keys(vpp: Optional[int]) -> list[str]:
     return ["model"] if not vpp else [f"model{v}" for v in range(vpp)]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_tracker(root: str, iteration: Iteration) -> None:
     """Write ``latest_checkpointed_iteration.txt`` (atomically; write it after the rank files)."""
-    _atomic_write_text(os.path.join(root, TRACKER), str(iteration))
+    with atomic_path(os.path.join(root, TRACKER)) as tmp, open(tmp, "w") as f:
+        f.write(str(iteration))
 
 
 def read_tracker(root: str) -> Iteration:
@@ -124,9 +106,9 @@ def build_meta(kind: str, model_config: ModelConfig, tp: int, pp: int, vpp: Opti
 def validate_meta(meta: Any, path: str) -> dict[str, Any]:
     """Check a rank file's ``mindlora`` metadata; return it (ValueError naming ``path`` if bad)."""
     if not isinstance(meta, dict):
-        raise ValueError(f"{path} has no 'mindlora' metadata: it was not written by mindlora "
-                         f"(a Megatron-LM / MindSpeed-LLM checkpoint?). Convert from the "
-                         f"Hugging Face model with tools/convert_ckpt.py instead")
+        raise ValueError(f"{path} has neither 'mindlora' metadata nor Megatron 'args': it was "
+                         f"written neither by mindlora nor by Megatron-LM / MindSpeed-LLM. "
+                         f"Convert from the Hugging Face model with tools/convert_ckpt.py")
     errors = []
     if meta.get("format_version") != FORMAT_VERSION:
         errors.append(f"format_version {meta.get('format_version')} (this mindlora reads "
@@ -145,35 +127,41 @@ def validate_meta(meta: Any, path: str) -> dict[str, Any]:
 
 def write_rank_file(path: str, payload: dict[str, Any]) -> None:
     """``torch.save`` ``payload`` to ``path`` atomically (temp file + fsync + rename)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+
+
+def allow_megatron_args() -> None:
+    """Let ``weights_only`` loads read ``argparse.Namespace`` (Megatron's ``args``), as
+    megatron-core does on import. Registered for good: torch's ``safe_globals`` context manager
+    would, on exit, also drop the registration megatron-core made."""
+    allowed = torch.serialization.get_safe_globals()
+    missing = [c for c in (argparse.Namespace, io.BytesIO) if c not in allowed]
+    if missing:  # BytesIO: transformer-engine's _extra_state in older megatron-core
+        torch.serialization.add_safe_globals(missing)
 
 
 def load_rank_file(path: str, mmap: bool = True) -> dict[str, Any]:
     """Load one rank file with ``weights_only=True`` (memory-mapped by default).
 
-    ``argparse.Namespace`` is allowed so Megatron-LM files (which pickle ``args``) load far enough
-    to be told apart; anything else non-tensor is refused by torch and reported here.
+    ``argparse.Namespace`` (Megatron's ``args``) is allowed; a file that needs more (a Megatron-LM
+    training checkpoint's numpy RNG state, optimizer config...) is retried once with the safe
+    globals megatron-core itself registers on import; anything else is refused here by name.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing checkpoint file {path}")
+    allow_megatron_args()
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            from megatron.core.safe_globals import register_safe_globals
+            register_safe_globals()
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds Python objects that a weights_only load refuses, so it "
-                         f"was not written by mindlora: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path} holds Python objects that a weights_only load refuses (only "
+                         f"tensors, plain values and Megatron's args are read): "
+                         f"{str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
                          f"{str(e).splitlines()[0]}") from None
@@ -196,74 +184,37 @@ def first_rank_file(root: str, iteration: Iteration) -> tuple[str, int, int]:
     for pp, ep in ((2, 1), (2, 2)):
         path = os.path.join(base, rank_dir_name(0, 0, pp, 0, ep), RANK_FILE)
         if os.path.isfile(path):
-            meta = validate_meta(load_rank_file(path).get("mindlora"), path)
+            payload = load_rank_file(path)
+            if "mindlora" not in payload and "args" in payload:  # Megatron-LM / MindSpeed-LLM
+                from mindlora.checkpoint.megatron_lm import args_dict
+                args = args_dict(payload, path)
+                return (path, int(args.get("pipeline_model_parallel_size") or 1),
+                        int(args.get("expert_model_parallel_size") or 1))
+            meta = validate_meta(payload.get("mindlora"), path)
             return path, int(meta["pp"]), int(meta.get("ep", 1))
     raise FileNotFoundError(f"missing checkpoint file {os.path.join(base, 'mp_rank_00', RANK_FILE)}"
                             f" (nor mp_rank_00_000): {root} holds no "
                             f"{iteration_dir_name(iteration)}")
 
 
-def read_meta(load_dir: str, iteration: Optional[Iteration] = None
-              ) -> tuple[Iteration, dict[str, Any]]:
+def read_meta(load_dir: str, iteration: Optional[Iteration] = None,
+              hf_config_dir: Optional[str] = None) -> tuple[Iteration, dict[str, Any]]:
     """(iteration, metadata of rank file TP0/PP0) of the checkpoint in ``load_dir``.
+
+    A Megatron-LM / MindSpeed-LLM checkpoint (``args``, no ``mindlora``) gets the same metadata,
+    derived by :class:`mindlora.checkpoint.megatron_lm.LegacyLayout` (``meta["source"]`` is
+    ``"megatron"``).
 
     Args:
         iteration: which iteration; default: the one ``latest_checkpointed_iteration.txt`` names.
+        hf_config_dir: folder of the HF config.json that fills in what Megatron ``args`` lack
+            (rope scaling, true vocab size); unused for mindlora checkpoints.
     """
     if iteration is None:
         iteration = read_tracker(load_dir)
     path = first_rank_file(load_dir, iteration)[0]
-    meta = validate_meta(load_rank_file(path).get("mindlora"), path)
-    return iteration, meta
-
-
-def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[int],
-                     pre_process: bool, post_process: bool, tie_word_embeddings: bool,
-                     padded_vocab_size: int, iteration: Optional[Iteration] = None,
-                     ep_size: int = 1, ep_rank: int = 0) -> dict[str, torch.Tensor]:
-    """State dict of one model chunk in the *target* layout, from a checkpoint of any layout.
-
-    Reads only the source rank files that hold ``layer_ids`` (memory-mapped), gathers each tensor
-    to its full shape and cuts this rank's shard (mindlora.models.sharding). Works for base and
-    adapter checkpoints alike; an adapter yields only ``lora_A``/``lora_B`` keys.
-
-    Args:
-        load_dir: the checkpoint root (holds ``latest_checkpointed_iteration.txt``).
-        tp_size, tp_rank: the target tensor-parallel layout and this rank.
-        layer_ids: global ids of the chunk's layers, in local order (``decoder.layers.{j}``).
-        pre_process / post_process: the chunk holds the embedding / final norm and output layer.
-        tie_word_embeddings: the model ties the output layer to the embedding; a last stage
-            without the embedding then gets ``output_layer.weight`` as a copy of it.
-        padded_vocab_size: vocabulary rows of the target model (all TP ranks together).
-        ep_size, ep_rank: the target expert-parallel layout: only this rank's routed experts
-            are returned, renumbered from 0 (mixture-of-experts models).
-    """
-    from mindlora.checkpoint.reshard import MegatronReader, shard_tensor
-    from mindlora.models.sharding import expert_owner
-
-    reader = MegatronReader(load_dir, iteration)
-    if reader.model_config.tie_word_embeddings != tie_word_embeddings:
-        raise ValueError(f"{load_dir}: checkpoint has tie_word_embeddings="
-                         f"{reader.model_config.tie_word_embeddings}, model has "
-                         f"{tie_word_embeddings}")
-    out: dict[str, torch.Tensor] = {}
-    for j, layer_id in enumerate(layer_ids):
-        for key, full in reader.full_layer(layer_id).items():
-            owner, key = expert_owner(key, reader.model_config.num_moe_experts or 0, ep_size)
-            if owner in (-1, ep_rank):
-                out[f"decoder.layers.{j}.{key}"] = shard_tensor(key, full, tp_size, tp_rank)
-    if reader.kind != "base":
-        return out
-    wanted = []
-    if pre_process:
-        wanted.append(("embedding.word_embeddings.weight", "embedding.word_embeddings.weight"))
-    if post_process:
-        wanted.append(("decoder.final_layernorm.weight", "decoder.final_layernorm.weight"))
-        if not tie_word_embeddings:
-            wanted.append(("output_layer.weight", "output_layer.weight"))
-        elif not pre_process:
-            wanted.append(("output_layer.weight", "embedding.word_embeddings.weight"))
-    for key, source_key in wanted:
-        out[key] = shard_tensor(key, reader.full_global(source_key), tp_size, tp_rank,
-                                padded_vocab_size)
-    return out
+    payload = load_rank_file(path)
+    if "mindlora" not in payload and "args" in payload:
+        from mindlora.checkpoint.megatron_lm import LegacyLayout
+        return iteration, LegacyLayout(load_dir, iteration, hf_config_dir).metas[0, 0]
+    return iteration, validate_meta(payload.get("mindlora"), path)

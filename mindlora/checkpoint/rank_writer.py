@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-Path = tuple
+from mindlora.checkpoint.megatron_format import allow_megatron_args
+
+KeyPath = tuple  # a tensor's place in a nested payload: ("model", "decoder.layers.0...")
 
 
 def _fake_like(tree: Any, mode: FakeTensorMode) -> Any:
@@ -38,20 +40,21 @@ def _fake_like(tree: Any, mode: FakeTensorMode) -> Any:
     return tree
 
 
-def _tensors(tree: Any, prefix: Path = ()) -> dict[Path, torch.Tensor]:
+def _tensors(tree: Any, prefix: KeyPath = ()) -> dict[KeyPath, torch.Tensor]:
     if isinstance(tree, dict):
-        out: dict[Path, torch.Tensor] = {}
+        out: dict[KeyPath, torch.Tensor] = {}
         for k, v in tree.items():
             out.update(_tensors(v, prefix + (k,)))
         return out
     return {prefix: tree} if isinstance(tree, torch.Tensor) else {}
 
 
-def _locate(path: str) -> dict[Path, int]:
+def _locate(path: str) -> dict[KeyPath, int]:
     """File offset of every tensor's bytes in a torch zip file (see the module docstring)."""
     reader = torch._C.PyTorchFileReader(path)
     records = [n for n in reader.get_all_records() if n.startswith("data/")]
     offsets = sorted(reader.get_record_offset(n) for n in records)
+    allow_megatron_args()  # the Megatron ``args`` in the skeleton
     loaded = _tensors(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     ptrs = sorted((t.untyped_storage().data_ptr(), key) for key, t in loaded.items())
     if len(ptrs) != len(offsets):
@@ -82,7 +85,7 @@ class StreamingRankFile:
         self._offsets = _locate(path)
         self._pending = set(self._planned)
 
-    def write(self, tensors: dict[Path, torch.Tensor]) -> None:
+    def write(self, tensors: dict[KeyPath, torch.Tensor]) -> None:
         """Write tensors keyed by their path in the payload, e.g. ``("model", "x.weight")``."""
         fd = os.open(self.path, os.O_WRONLY)
         try:

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 
 from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint.megatron_lm import (LegacyLayout, is_lora_key, megatron_args,
+                                             normalize_keys, to_key_style)
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.config import LoRAConfig, ModelConfig
 from mindlora.models.sharding import (expert_global_key, expert_owner, gather, pad_vocab,
@@ -60,9 +62,13 @@ class MegatronReader:
     truncated or inconsistent file is reported before any output is written.
     """
 
-    def __init__(self, root: str, iteration: Optional[mf.Iteration] = None) -> None:
-        self.root = root
-        self.iteration, self.meta = mf.read_meta(root, iteration)
+    def __init__(self, root: str, iteration: Optional[mf.Iteration] = None,
+                 hf_config_dir: Optional[str] = None) -> None:
+        self.root, self.hf_config_dir = root, hf_config_dir
+        self.iteration, self.meta = mf.read_meta(root, iteration, hf_config_dir)
+        self._legacy = None
+        if self.meta.get("source") == "megatron":  # Megatron-LM / MindSpeed-LLM: args, no meta
+            self._legacy = LegacyLayout(root, self.iteration, hf_config_dir).metas
         self.kind: str = self.meta["kind"]
         self.model_config = ModelConfig.from_dict(self.meta["model_config"])
         lora = self.meta.get("lora_config")
@@ -70,6 +76,7 @@ class MegatronReader:
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         self.ep = int(self.meta.get("ep", 1))
         self.params_dtype = mf.dtype_from_name(self.meta["params_dtype"])
+        self._chunks = mf.chunk_keys(self.meta.get("vpp"))
         self._where: dict[int, tuple[int, str, int]] = {}
         for pp_rank in range(self.pp):
             metas = [self._check_file(tp_rank, pp_rank, ep_rank) for ep_rank in range(self.ep)
@@ -94,6 +101,8 @@ class MegatronReader:
 
     def _check_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         path = self.path(tp_rank, pp_rank, ep_rank)
+        if self._legacy is not None:
+            return self._legacy[tp_rank, pp_rank]
         meta = mf.validate_meta(mf.load_rank_file(path).get("mindlora"), path)
         for field in ("kind", "tp", "pp", "ep", "model_config"):
             if meta.get(field) != self.meta.get(field):
@@ -105,8 +114,15 @@ class MegatronReader:
         return meta
 
     def _stage(self, pp_rank: int, ep_rank: int = 0) -> list[dict[str, Any]]:
-        """Every TP rank's payload of one stage (memory-mapped; dropped by the caller)."""
-        return [mf.load_rank_file(self.path(t, pp_rank, ep_rank)) for t in range(self.tp)]
+        """Every TP rank's payload of one stage (memory-mapped; dropped by the caller), chunk
+        state dicts in mindlora's key dialect (megatron_lm.normalize_keys)."""
+        out = []
+        for t in range(self.tp):
+            path = self.path(t, pp_rank, ep_rank)
+            payload = mf.load_rank_file(path)
+            out.append({k: normalize_keys(v, path) if k in self._chunks else v
+                        for k, v in payload.items()})
+        return out
 
     def full_layer(self, layer_id: int, meta: bool = False) -> dict[str, torch.Tensor]:
         """Full tensors of global layer ``layer_id``, keyed relative to ``decoder.layers.{i}.``.
@@ -123,7 +139,8 @@ class MegatronReader:
         for ep_rank in range(self.ep):
             payloads = self._stage(pp_rank, ep_rank)
             for key in payloads[0][chunk]:
-                if not key.startswith(prefix) or key.endswith("_extra_state"):
+                if not key.startswith(prefix) or (self.kind == "adapter"
+                                                  and not is_lora_key(key)):
                     continue
                 name = expert_global_key(key[len(prefix):], ep_rank, n_local)
                 if ep_rank and name == key[len(prefix):]:
@@ -145,8 +162,7 @@ class MegatronReader:
         """Full embedding / final norm / output layer, vocabulary rows unpadded."""
         first = key.startswith("embedding.")
         pp_rank = 0 if first else self.pp - 1
-        chunks = mf.chunk_keys(self.meta.get("vpp"))
-        chunk = chunks[0] if first else chunks[-1]
+        chunk = self._chunks[0] if first else self._chunks[-1]
         payloads = self._stage(pp_rank)
         if key not in payloads[0][chunk]:
             raise ValueError(f"{self.path(0, pp_rank)} has no {key}")
@@ -159,9 +175,14 @@ class MegatronReader:
         return full
 
     def hf_assets_dir(self) -> Optional[str]:
-        """The HF config/tokenizer files saved beside the weights, if any."""
+        """The HF config/tokenizer files saved beside the weights (or the --hf-cfg-dir given
+        for a Megatron-LM checkpoint), if any."""
         path = os.path.join(self.root, HF_ASSETS)
-        return path if os.path.isdir(path) else None
+        if os.path.isdir(path):
+            return path
+        if self.hf_config_dir and os.path.isfile(os.path.join(self.hf_config_dir, "config.json")):
+            return self.hf_config_dir
+        return None
 
 
 HF_ASSETS = "hf_assets"
@@ -174,8 +195,9 @@ class MegatronWriter:
     def __init__(self, root: str, kind: str, model_config: ModelConfig, tp: int, pp: int,
                  num_layer_list: Optional[list[int]], params_dtype: torch.dtype,
                  lora_config: Optional[LoRAConfig] = None, iteration: mf.Iteration = 1,
-                 ep: int = 1) -> None:
+                 ep: int = 1, key_style: str = "mindlora") -> None:
         self.root, self.kind, self.cfg = root, kind, model_config
+        self.key_style = key_style
         self.tp, self.pp, self.ep, self.iteration = tp, pp, ep, iteration
         self.stages = stage_layer_ids(model_config.num_layers, pp, num_layer_list)
         self.stage_of = {i: (p, j) for p, ids in enumerate(self.stages) for j, i in enumerate(ids)}
@@ -232,8 +254,12 @@ class MegatronWriter:
         meta = mf.build_meta(self.kind, self.cfg, self.tp, self.pp, None,
                              {"model": self.stages[p]}, self.padded_vocab, self.params_dtype,
                              self.lora_config, tp_rank=t, pp_rank=p, ep=self.ep, ep_rank=e)
-        skeleton = {"model": state, "checkpoint_version": mf.CHECKPOINT_VERSION,
-                    "iteration": 0 if self.iteration == "release" else self.iteration,
+        iteration = 0 if self.iteration == "release" else self.iteration
+        args = megatron_args(self.kind, self.cfg, self.tp, self.pp, None,
+                             [len(ids) for ids in self.stages], self.padded_vocab,
+                             self.params_dtype, self.lora_config, iteration)
+        skeleton = {"model": to_key_style(state, self.key_style), "args": args,
+                    "checkpoint_version": mf.CHECKPOINT_VERSION, "iteration": iteration,
                     "mindlora": meta}
         path = mf.rank_file_path(self.root, self.iteration, t, p, self.pp, e, self.ep)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -246,13 +272,16 @@ class MegatronWriter:
                     self.files[p, t, e].write({("model", k): shard_tensor(
                         k, full, self.tp, t, self.padded_vocab)})
 
+    def _key(self, key: str) -> str:
+        return next(iter(to_key_style({key: None}, self.key_style)))
+
     def write_layer(self, layer_id: int, full: dict[str, torch.Tensor]) -> None:
         """Write one layer, one shard at a time (memory: the layer plus one shard)."""
         p, j = self.stage_of[layer_id]
         for e in range(self.ep):
             for key, value in self._ep_local(list(full.items()), e):
                 for t in range(self.tp):
-                    self.files[p, t, e].write({("model", f"decoder.layers.{j}.{key}"):
+                    self.files[p, t, e].write({("model", self._key(f"decoder.layers.{j}.{key}")):
                                                shard_tensor(key, value, self.tp, t)})
 
     def finish(self) -> None:

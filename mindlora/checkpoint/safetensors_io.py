@@ -16,10 +16,8 @@ from typing import Iterable, Optional
 
 import torch
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+from mindlora.runtime.dtypes import from_safetensors_code, safetensors_code
+
 
 
 def read_header(path: str) -> tuple[int, dict]:
@@ -58,14 +56,15 @@ class SafetensorsFile:
     def meta(self, key: str) -> torch.Tensor:
         """A ``meta`` tensor with the stored shape and dtype."""
         e = self.entries[key]
-        if e["dtype"] not in _DTYPES:
+        dtype = from_safetensors_code(e["dtype"])
+        if dtype is None:
             raise ValueError(f"{self.path}: {key} has unsupported dtype {e['dtype']}")
-        return torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta")
+        return torch.empty(e["shape"], dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into a fresh CPU buffer."""
         e = self.entries[key]
-        out = torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]])
+        out = torch.empty(e["shape"], dtype=self.meta(key).dtype)
         begin, end = e["data_offsets"]
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else b""
         if len(view) != end - begin:
@@ -128,9 +127,9 @@ class StreamingSafetensorsWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for key, t in entries:
-            if t.dtype not in _NAMES:
+            if safetensors_code(t.dtype) is None:
                 raise ValueError(f"{key}: dtype {t.dtype} cannot be written to safetensors")
-            header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+            header[key] = {"dtype": safetensors_code(t.dtype), "shape": list(t.shape),
                            "data_offsets": [offset, offset + _nbytes(t)]}
             offset += _nbytes(t)
         raw = json.dumps(header, separators=(",", ":")).encode()

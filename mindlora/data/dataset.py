@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 
 from mindlora.data.handlers import IGNORE_INDEX
 from mindlora.data.indexed import IndexedDataset, bin_path, idx_path
-from mindlora.data.meta import check_tokenizer, read_meta  # noqa: F401  (re-exported for training)
+from mindlora.data.meta import read_dataset_meta
 
 
 def _open(prefixes: list[str], owner: str) -> list[IndexedDataset]:
@@ -60,7 +60,7 @@ class InstructionDataset(Dataset):
         if seq_length <= 0:
             raise ValueError(f"seq_length must be positive, got {seq_length}")
         self.prefix, self.seq_length = prefix, seq_length
-        meta = read_meta(prefix, required=False)
+        meta = read_dataset_meta(prefix, required=False)
         self.packed = bool(meta and meta.get("pack"))
         names = ["input_ids", "labels"] + (["attention_mask"] if self.packed else [])
         sets = _open([f"{prefix}_packed_{n}_document" for n in names], prefix)
@@ -82,7 +82,12 @@ class InstructionDataset(Dataset):
 
 
 class PairwiseDataset(Dataset):
-    """Preference pairs written by the pairwise handlers: chosen_* and rejected_* tensors."""
+    """Preference pairs written by the pairwise handlers: chosen_* and rejected_* tensors.
+
+    No trainer consumes it yet (mindlora trains SFT LoRA; DPO/reward training is not built). It
+    stays as the reader of ``--handler-name`` pairwise output, which preprocessing writes for
+    MindSpeed-LLM users and tests/data/test_preprocess.py checks through it.
+    """
 
     def __init__(self, prefix: str, seq_length: int) -> None:
         self.prefix, self.seq_length = prefix, seq_length

@@ -27,6 +27,8 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
+from mindlora.runtime.files import AtomicPath
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # The code table megatron-core uses (DType enum); the order is part of the file format.
@@ -48,11 +50,6 @@ def bin_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.bin"
 
 
-def dataset_exists(prefix: str | os.PathLike) -> bool:
-    """True when both the ``.bin`` and the ``.idx`` of ``prefix`` exist."""
-    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
-
-
 def require_dataset(prefix: str | os.PathLike) -> None:
     """Raise a FileNotFoundError that names both expected files when either is missing."""
     missing = [p for p in (bin_path(prefix), idx_path(prefix)) if not os.path.isfile(p)]
@@ -65,8 +62,9 @@ def require_dataset(prefix: str | os.PathLike) -> None:
 class IndexedDatasetWriter:
     """Streams sequences into ``<prefix>.bin`` and writes ``<prefix>.idx`` on ``finalize``.
 
-    Files are written as ``<path>.tmp`` and renamed by ``commit()``; ``abort()`` (also run when
-    the ``with`` block raises) removes them, so an interrupted run leaves no half dataset.
+    Files are written under temporary names (``mindlora.runtime.files.AtomicPath``) and renamed
+    by ``commit()``; ``abort()`` (also run when the ``with`` block raises) removes them, so an
+    interrupted run leaves no half dataset.
 
     Args:
         prefix: output prefix (without ``.bin``/``.idx``).
@@ -80,9 +78,8 @@ class IndexedDatasetWriter:
         self.prefix = os.fspath(prefix)
         self.dtype = np.dtype(dtype)
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_bin = bin_path(self.prefix) + ".tmp"
-        self._tmp_idx = idx_path(self.prefix) + ".tmp"
-        self._bin: BinaryIO | None = open(self._tmp_bin, "wb")
+        self._files = (AtomicPath(bin_path(self.prefix)), AtomicPath(idx_path(self.prefix)))
+        self._bin: BinaryIO | None = open(self._files[0].tmp, "wb")
         self._lengths: list[int] = []
         self._doc_ends: list[int] = [0]
         self._finalized = False
@@ -129,7 +126,7 @@ class IndexedDatasetWriter:
         if len(lengths) > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         docs = np.asarray(self._doc_ends, dtype=np.int64)
-        with open(self._tmp_idx, "wb") as f:
+        with open(self._files[1].tmp, "wb") as f:
             f.write(INDEX_HEADER)
             f.write(struct.pack("<Q", INDEX_VERSION))
             f.write(struct.pack("<B", _CODE_OF[self.dtype]))
@@ -144,8 +141,8 @@ class IndexedDatasetWriter:
         """Rename the finished files into place (``finalize`` first)."""
         if not self._finalized:
             self.finalize()
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
+        for staged in self._files:
+            staged.commit()
         self._closed = True
 
     def abort(self) -> None:
@@ -153,9 +150,8 @@ class IndexedDatasetWriter:
         if self._bin is not None:
             self._bin.close()
             self._bin = None
-        for p in (self._tmp_bin, self._tmp_idx):
-            if os.path.exists(p):
-                os.remove(p)
+        for staged in self._files:
+            staged.abort()
         self._closed = True
 
     def __enter__(self) -> "IndexedDatasetWriter":

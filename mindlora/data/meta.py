@@ -10,6 +10,8 @@ import json
 import os
 from typing import Any
 
+from mindlora.runtime.files import AtomicPath
+
 META_FORMAT = "mindlora-indexed-data"
 META_VERSION = 1
 
@@ -19,25 +21,27 @@ def meta_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}_meta.json"
 
 
-def write_meta(prefix: str | os.PathLike, meta: dict[str, Any], tmp_only: bool = False) -> str:
-    """Write the sidecar atomically (temp file + rename); with ``tmp_only`` stop before renaming.
-
-    Returns:
-        The path written: the final one, or the temporary one when ``tmp_only``.
-    """
-    final = meta_path(prefix)
-    tmp = final + ".tmp"
+def stage_meta(prefix: str | os.PathLike, meta: dict[str, Any]) -> AtomicPath:
+    """Write the sidecar under a temporary name; ``commit()`` it once the data files are in place
+    (readers look for the sidecar, so it appears last), or ``abort()``."""
+    staged = AtomicPath(meta_path(prefix))
     body = {"format": META_FORMAT, "version": META_VERSION, **meta}
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f, indent=2, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
-    if tmp_only:
-        return tmp
-    os.replace(tmp, final)
-    return final
+    try:
+        with open(staged.tmp, "w", encoding="utf-8") as f:
+            json.dump(body, f, indent=2, ensure_ascii=False, sort_keys=True)
+            f.write("\n")
+    except BaseException:
+        staged.abort()
+        raise
+    return staged
 
 
-def read_meta(prefix: str | os.PathLike, required: bool = True) -> dict[str, Any] | None:
+def write_meta(prefix: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """Write the sidecar atomically; returns its path."""
+    return stage_meta(prefix, meta).commit()
+
+
+def read_dataset_meta(prefix: str | os.PathLike, required: bool = True) -> dict[str, Any] | None:
     """The sidecar of a dataset prefix.
 
     Args:
@@ -78,7 +82,7 @@ def check_tokenizer(prefix: str | os.PathLike, vocab_size: int,
     Raises:
         ValueError: vocabulary size or fingerprint differ, naming both values.
     """
-    meta = read_meta(prefix, required=required)
+    meta = read_dataset_meta(prefix, required=required)
     if meta is None:
         return
     if int(meta["vocab_size"]) != int(vocab_size):

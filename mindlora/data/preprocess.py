@@ -23,7 +23,7 @@ import numpy as np
 from mindlora.data.handlers import (HANDLERS, GeneralPretrainHandler, Handler, HandlerOptions,
                                     InstructionHandler, get_handler)
 from mindlora.data.indexed import IndexedDatasetWriter
-from mindlora.data.meta import write_meta
+from mindlora.data.meta import stage_meta
 from mindlora.data.packing import OVERLONG_POLICIES, limit_length, pack_samples
 from mindlora.data.records import InvalidRecord, iter_records, parse_record
 from mindlora.data.templates import THINKING_MODES, get_template
@@ -174,7 +174,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
     group = 1 if handler_cls is GeneralPretrainHandler else 3
     summary, start = Summary(outputs=names), time.time()
     writers = [IndexedDatasetWriter(n) for n in names]
-    meta_tmp = None
+    staged_meta = None
     pool = None
     try:
         if cfg.workers > 1:
@@ -198,15 +198,15 @@ def run_preprocess(cfg: PreprocessConfig) -> Summary:
         for w in writers:
             w.finalize()
         summary.seconds = time.time() - start
-        meta_tmp = write_meta(cfg.output_prefix, _meta(cfg, tokenizer, summary), tmp_only=True)
+        staged_meta = stage_meta(cfg.output_prefix, _meta(cfg, tokenizer, summary))
         for w in writers:
             w.commit()
-        os.replace(meta_tmp, meta_tmp[:-len(".tmp")])
+        staged_meta.commit()
     except BaseException:
         for w in writers:
             w.abort()
-        if meta_tmp and os.path.exists(meta_tmp):
-            os.remove(meta_tmp)
+        if staged_meta is not None:
+            staged_meta.abort()
         raise
     finally:
         if pool is not None:

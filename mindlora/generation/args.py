@@ -15,6 +15,7 @@ import torch
 from mindlora.config import ParallelConfig, fail_if
 from mindlora.data.templates import THINKING_MODES
 from mindlora.generation.sampling import SamplingConfig
+from mindlora.runtime.dtypes import from_flags
 
 
 @dataclass
@@ -94,6 +95,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GenerateConfig:
         errors.append("--bf16 and --fp16 are mutually exclusive")
     if ns.micro_batch_size < 1:
         errors.append(f"--micro-batch-size ({ns.micro_batch_size}) must be >= 1")
+    if ns.lora_fusion and not ns.lora_load:
+        errors.append("--lora-fusion needs --lora-load (it changes how LoRA layers communicate)")
     if ns.interactive and ns.output:
         errors.append("--output goes with --prompts; --interactive prints to the terminal")
     fail_if(errors, "flags")
@@ -106,7 +109,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GenerateConfig:
         expert_model_parallel_size=ns.expert_model_parallel_size,
         num_layer_list=([int(x) for x in ns.num_layer_list.split(",")]
                         if ns.num_layer_list else None))
-    dtype = torch.bfloat16 if ns.bf16 else torch.float16 if ns.fp16 else torch.float32
+    dtype = from_flags(ns.bf16, ns.fp16)
     return GenerateConfig(
         load=ns.load, tokenizer=ns.tokenizer_name_or_path, prompt_type=ns.prompt_type,
         sampling=sampling, parallel=parallel, lora_load=ns.lora_load, lora_fusion=ns.lora_fusion,

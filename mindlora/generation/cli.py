@@ -7,19 +7,19 @@ every rank with the same message, before the model is loaded.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from typing import Callable, Optional, TextIO
 
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from mindlora.data.tokenizer import load_tokenizer
 from mindlora.generation.args import GenerateConfig
-from mindlora.generation.engine import Generator, check_prompt_lengths
+from mindlora.generation.engine import Generation, Generator, check_prompt_lengths
 from mindlora.generation.loading import load_for_generation, read_model_config
 from mindlora.generation.prompts import ChatFormat, PromptRecord, read_prompt_file
 from mindlora.runtime import init_distributed
+from mindlora.runtime.files import atomic_path
 
 
 def _from_rank0(fn: Callable[[], object]) -> object:
@@ -44,7 +44,7 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] = print,
     init_distributed()
     tok = load_tokenizer(cfg.tokenizer)
     chat = ChatFormat(tok, cfg.prompt_type, cfg.enable_thinking, cfg.prompt_type_path)
-    max_positions = read_model_config(cfg.load).max_position_embeddings
+    max_positions = read_model_config(cfg.load, cfg.tokenizer).max_position_embeddings
     encoded = None
     if not cfg.interactive:
         def read() -> tuple[list[PromptRecord], list[list[int]]]:
@@ -58,7 +58,7 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] = print,
             "parallelism (a one-token decode step cannot be split along the sequence); the "
             "weights and the answers are the same")
     loaded = load_for_generation(cfg.load, cfg.lora_load, cfg.parallel, cfg.dtype,
-                                 cfg.lora_fusion, cfg.sampling.seed)
+                                 cfg.lora_fusion, cfg.sampling.seed, hf_config_dir=cfg.tokenizer)
     if tok.vocab_size > loaded.model.vocab_size:
         raise ValueError(f"--tokenizer-name-or-path {cfg.tokenizer} has {tok.vocab_size} ids but "
                          f"the model in --load {cfg.load} only {loaded.model.vocab_size}: "
@@ -71,13 +71,31 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] = print,
         interactive(gen, chat, cfg, stdout or sys.stdout)
         return None
     records, ids = encoded
-    results = gen.generate(ids, cfg.sampling, names=[r.where for r in records])
+    results = generate_data_parallel(gen, ids, cfg, [r.where for r in records])
     if dist.get_rank() != 0:
         return None
     rows = [dict(r.fields, answer=chat.answer_text(g.token_ids), token_ids=g.token_ids,
                  tokens_per_s=round(g.tokens_per_s, 2)) for r, g in zip(records, results)]
     write_jsonl(rows, cfg.output, stdout or sys.stdout)
     return rows
+
+
+def generate_data_parallel(gen: Generator, ids: list[list[int]], cfg: GenerateConfig,
+                           names: list[str]) -> list[Generation]:
+    """Prompts dealt round-robin over the data-parallel replicas, answers gathered in order.
+
+    With world size = TP x PP (one replica) this is ``gen.generate``. Every rank of a replica
+    generates the same answers; the all-gather collects them (duplicates are identical).
+    """
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return gen.generate(ids, cfg.sampling, names=names)
+    mine = list(range(parallel_state.get_data_parallel_rank(), len(ids), dp))
+    results = gen.generate([ids[i] for i in mine], cfg.sampling, names=[names[i] for i in mine])
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(zip(mine, results)))
+    by_index = {i: g for part in gathered for i, g in part}
+    return [by_index[i] for i in range(len(ids))]
 
 
 def write_jsonl(rows: list[dict], path: Optional[str], stdout: TextIO) -> None:
@@ -87,19 +105,8 @@ def write_jsonl(rows: list[dict], path: Optional[str], stdout: TextIO) -> None:
         stdout.write(text)
         stdout.flush()
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".generate.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def interactive(gen: Generator, chat: ChatFormat, cfg: GenerateConfig, out: TextIO) -> None:
@@ -129,6 +136,12 @@ def interactive(gen: Generator, chat: ChatFormat, cfg: GenerateConfig, out: Text
         record = PromptRecord({"messages": history + [{"role": "user", "content": text}]},
                               "interactive")
         ids = chat.encode([record])
+        try:  # every rank sees the same ids, so every rank takes the same branch
+            check_prompt_lengths(ids, gen.max_positions, ["interactive"])
+        except ValueError as e:
+            if rank0:
+                out.write(f"{e} (/clear starts a new conversation)\n")
+            continue
         shown: list[str] = [""]
         answer: list[int] = []
 

@@ -194,7 +194,10 @@ class Generator:
             if contexts is not None:
                 ctx = contexts[v]
                 ctx.sequence_len_offset = start
-                ctx.enable_decode_mode() if start > 0 else ctx.enable_prefill_mode()
+                if start > 0:
+                    ctx.enable_decode_mode()
+                else:
+                    ctx.enable_prefill_mode()
             if not chunk.pre_process:
                 hidden = torch.empty((s, b, self.hidden_size), dtype=self.act_dtype,
                                      device=self.device)

@@ -73,7 +73,7 @@ class LoRAMixin:
                 return self.lora_dropout(x)
         return self.lora_dropout(x)
 
-    def _fused(self, weight: Optional[torch.Tensor] = None) -> bool:
+    def _use_fused_path(self, weight: Optional[torch.Tensor] = None) -> bool:
         """Use the fused path (lora/fused.py): not merged, base frozen, and either --lora-fusion
         (CCLoRA) or TP=1, where there is no collective to fold and the fused kernel (in-place
         accumulation, fast factor gradients) is simply the faster way to compute the same sum."""
@@ -152,7 +152,7 @@ class LoRAColumnParallelLinear(LoRAMixin, ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
-        if self._fused(weight):
+        if self._use_fused_path(weight):
             output, bias = fused.column_forward(self, input_, weight)
             return self._maybe_gather(output, runtime_gather_output), bias
         output, bias = super().forward(input_, weight, runtime_gather_output=False)
@@ -203,7 +203,7 @@ class LoRARowParallelLinear(LoRAMixin, RowParallelLinear):
         self._add_lora(self.input_size_per_partition, output_size, lora_config)
 
     def forward(self, input_: torch.Tensor):
-        if self._fused():
+        if self._use_fused_path():
             return fused.row_forward(self, input_)
         output_parallel = F.linear(input_, self.weight)
         if not self.merged:
@@ -223,6 +223,8 @@ class LoRARowParallelLinear(LoRAMixin, RowParallelLinear):
 
 
 LORA_LAYER_TYPES = (LoRAColumnParallelLinear, LoRARowParallelLinear)
+# Seeds the per-(layer, target) generator of init_lora_factors; part of what a seed reproduces.
+_TARGET_IDS = {"linear_qkv": 0, "linear_proj": 1, "linear_fc1": 2, "linear_fc2": 3}
 
 
 def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank: int,
@@ -240,13 +242,12 @@ def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank:
     gen = torch.Generator().manual_seed(seed)
     if lora.init_a == "kaiming":
         bound = 1.0 / math.sqrt(full_in)  # kaiming_uniform_(a=sqrt(5)), as HF PEFT does
+        # host-tensor: drawn from a seeded CPU generator, so A is the same on every device
         full = torch.empty(lora.r, full_in).uniform_(-bound, bound, generator=gen)
     else:
+        # host-tensor: drawn from a seeded CPU generator, so A is the same on every device
         full = torch.empty(lora.r, full_in).normal_(0.0, 1.0 / lora.r, generator=gen)
     rule = split_rule(f"{target}.lora_A.weight")
     with torch.no_grad():
         layer.lora_A.weight.copy_(shard(full, rule, tp_size, tp_rank))
         layer.lora_B.weight.zero_()
-
-
-_TARGET_IDS = {"linear_qkv": 0, "linear_proj": 1, "linear_fc1": 2, "linear_fc2": 3}

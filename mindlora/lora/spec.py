@@ -27,7 +27,7 @@ def _linear(target: str, row: bool, lora: Optional[LoRAConfig]):
     if lora is None or target not in lora.target_modules:
         return RowParallelLinear if row else ColumnParallelLinear
     cls = LoRARowParallelLinear if row else LoRAColumnParallelLinear
-    return ModuleSpec(module=cls, params={"lora_config": lora})
+    return ModuleSpec(module=cls, params={"lora_config": lora.for_target(target)})
 
 
 def gpt_layer_spec(qk_layernorm: bool, lora: Optional[LoRAConfig] = None,

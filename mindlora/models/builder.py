@@ -73,12 +73,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        recompute_num_layers: Optional[int] = None) -> TransformerConfig:
     """megatron-core TransformerConfig for ``model`` under ``parallel``.
 
-    Fusions that need CUDA kernels are switched off on the CPU; ``batch_p2p_comm`` is off on gloo,
-    where batched isend/irecv gave wrong gradients for interleaved pipelines with PP=2.
+    Fusions that need CUDA kernels are switched off on the CPU and the NPU; ``batch_p2p_comm`` is
+    off on gloo, where batched isend/irecv gave wrong gradients for interleaved pipelines with
+    PP=2. Weights are allocated straight on the accelerator (``use_cpu_initialization`` only on
+    the CPU): a rank never stages its chunk in host RAM.
     """
     parallel.check_model(model)
     device = current()
     on_gpu = not device.is_cpu
+    cuda = device.kind == "cuda"  # megatron's jit-scripted bias/activation fusions: CUDA only
     pp = parallel.pipeline_model_parallel_size
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -105,12 +108,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not on_gpu,
         perform_initialization=False,
-        bias_activation_fusion=on_gpu,
+        bias_activation_fusion=cuda,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        bias_dropout_fusion=on_gpu,
+        bias_dropout_fusion=cuda,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_comm=on_gpu,
@@ -141,7 +144,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoR
     pp = parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     spec = gpt_layer_spec(model.qk_layernorm, lora, moe=model.is_moe)
-    device = current().torch_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    device = current().torch_device()  # this rank's accelerator (LOCAL_RANK), or the CPU
     chunks = []
     for v in range(vpp):
         n_layers = len(chunk_layer_ids(model, parallel, pp_rank, v))

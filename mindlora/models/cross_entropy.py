@@ -96,9 +96,3 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     return _FusedLinearCrossEntropy.apply(hidden, weight, labels, vocab_start, valid, tp_group,
                                           want_grad)
-
-
-def reference_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Plain per-token cross-entropy over full logits (the tests' yardstick)."""
-    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none",
-                                             ignore_index=-100)

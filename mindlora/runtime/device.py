@@ -1,15 +1,22 @@
 """Pick the device and collective backend once: CUDA -> nccl, Ascend NPU -> hccl, CPU -> gloo.
 
 Everything else in mindlora asks :func:`current` instead of testing ``torch.cuda`` itself, so the
-NCCL, HCCL and gloo paths differ only here.
+NCCL, HCCL and gloo paths differ only here. The device a process runs on is chosen once, by
+:func:`mindlora.runtime.init_distributed` (which calls :func:`select`); from then on
+:func:`current` returns that choice even on a host whose other accelerators are visible, so a CPU
+run on a GPU machine stays a CPU run. ``MINDLORA_DEVICE=cpu|cuda|npu`` overrides detection.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+_BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
 
 @dataclass(frozen=True)
@@ -25,8 +32,16 @@ class Device:
     def is_cpu(self) -> bool:
         return self.kind == "cpu"
 
-    def torch_device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("cpu") if self.is_cpu else torch.device(self.kind, local_rank)
+    def torch_device(self, local_rank: Optional[int] = None) -> torch.device:
+        """``cpu``, or ``<kind>:<local rank>`` (torchrun's ``LOCAL_RANK`` unless given).
+
+        Every rank of a node binds its own accelerator: Megatron's convention, also on Ascend.
+        """
+        if self.is_cpu:
+            return torch.device("cpu")
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(self.kind, local_rank)
 
     def set_local(self, local_rank: int) -> None:
         """Bind this process to its accelerator (no-op on CPU)."""
@@ -52,24 +67,57 @@ class Device:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@functools.lru_cache(maxsize=None)
-def current(force: str | None = None) -> Device:
-    """The device this process should use.
+_SELECTED: Optional[Device] = None
 
-    Args:
-        force: ``cpu``/``cuda``/``npu`` to override detection (tests force ``cpu``).
-    """
-    kind = force
-    if kind is None:
-        if torch.cuda.is_available():
-            kind = "cuda"
-        elif importlib.util.find_spec("torch_npu") is not None:
-            import torch_npu  # noqa: F401  (registers torch.npu)
 
-            kind = "npu" if torch.npu.is_available() else "cpu"  # type: ignore[attr-defined]
-        else:
-            kind = "cpu"
-    backend = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}.get(kind)
+def _make(kind: str) -> Device:
+    backend = _BACKENDS.get(kind)
     if backend is None:
         raise ValueError(f"unknown device kind {kind!r}; expected cuda, npu or cpu")
     return Device(kind, backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _detect() -> Device:
+    forced = os.environ.get("MINDLORA_DEVICE")
+    if forced:
+        return _make(forced)
+    if torch.cuda.is_available():
+        return _make("cuda")
+    if importlib.util.find_spec("torch_npu") is not None:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+
+        if torch.npu.is_available():  # type: ignore[attr-defined]
+            return _make("npu")
+    return _make("cpu")
+
+
+def current(force: str | None = None) -> Device:
+    """The device this process uses.
+
+    Args:
+        force: ``cpu``/``cuda``/``npu``: that device, whatever was selected or detected.
+    Returns the device chosen by :func:`select` (``init_distributed`` selects), else the
+    detected one (``MINDLORA_DEVICE``, then CUDA, then an Ascend NPU, then the CPU).
+    """
+    if force is not None:
+        return _make(force)
+    return _SELECTED if _SELECTED is not None else _detect()
+
+
+def select(device: Optional[Device]) -> None:
+    """Make ``device`` this process's runtime device (``None``: back to detection)."""
+    global _SELECTED
+    _SELECTED = device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a host batch to ``device``: pinned host memory, then an asynchronous copy.
+
+    The copy is ordered on the current stream, so the forward that consumes it waits for it
+    without a host synchronisation. On the CPU the batch is returned as is.
+    """
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mindlora.config import ParallelConfig
-from mindlora.runtime.device import Device, current
+from mindlora.runtime.device import Device, current, select
 
 
 def init_distributed(device: Optional[Device] = None, rank: Optional[int] = None,
@@ -24,10 +24,8 @@ def init_distributed(device: Optional[Device] = None, rank: Optional[int] = None
     works on a laptop without a launcher.
     """
     device = device or current()
-    if device.is_cpu:
-        from mindlora.runtime.compat import apply_cpu_compat
-
-        apply_cpu_compat()
+    select(device)
+    apply_compat(device)
     if dist.is_initialized():
         return device
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -38,10 +36,34 @@ def init_distributed(device: Optional[Device] = None, rank: Optional[int] = None
             raise ValueError("MASTER_PORT is not set: launch with torchrun (or set MASTER_ADDR "
                              "and MASTER_PORT) for more than one process")
         os.environ["MASTER_PORT"] = str(_free_port())
-    device.set_local(int(os.environ.get("LOCAL_RANK", 0)))
+    device.set_local(device.torch_device().index or 0)
     dist.init_process_group(backend=device.backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     return device
+
+
+def apply_compat(device: Device) -> None:
+    """Adapt megatron-core to ``device``: the CPU module on CPU, the Ascend module on NPU.
+
+    Scoped and reversible (see ``compat.py``): :func:`destroy_parallel` undoes it.
+    """
+    if device.kind == "cpu":
+        from mindlora.runtime.compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    elif device.kind == "npu":
+        from mindlora.runtime.npu_compat import apply_npu_compat
+
+        apply_npu_compat()
+
+
+def undo_compat() -> None:
+    """Take back what :func:`apply_compat` did to megatron-core (``destroy_parallel`` calls it)."""
+    from mindlora.runtime.compat import undo_cpu_compat
+    from mindlora.runtime.npu_compat import undo_npu_compat
+
+    undo_cpu_compat()
+    undo_npu_compat()
 
 
 def _free_port() -> int:
@@ -60,11 +82,7 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    device = current()
-    if device.is_cpu:
-        from mindlora.runtime.compat import apply_cpu_compat
-
-        apply_cpu_compat()
+    apply_compat(current())
     world = dist.get_world_size()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world % (tp * pp):
@@ -90,10 +108,11 @@ def init_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
 
 
 def destroy_parallel() -> None:
-    """Tear down megatron-core state and the process group (tests call this between groups)."""
+    """Tear down megatron-core state, the process group and the device adaptations."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    undo_compat()

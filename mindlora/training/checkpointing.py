@@ -5,10 +5,14 @@ loss-scaler state, RNG states, the iteration and the data position, plus the ``m
 (model and LoRA configs, layout) of ``mindlora.checkpoint.megatron_format``. The base weights are
 never written.
 
-Atomicity: every writer puts its file under ``<save>/.iter_XXXXXXX.tmp/``; after a barrier rank 0
-renames that directory to ``iter_XXXXXXX`` and only then rewrites
-``latest_checkpointed_iteration.txt``. A run killed mid-save leaves at most a stale ``.tmp``
-directory, and ``latest`` still names the previous, complete checkpoint.
+Crash safety: every writer puts its file under ``<save>/.iter_XXXXXXX.tmp/`` (temp file, fsync,
+rename, fsync of the directory); the ranks agree that all writes succeeded (a failed write, e.g.
+a full disk, fails every rank with one message and leaves the previous checkpoint untouched);
+rank 0 then publishes the directory and the tracker (``durable.publish``).
+
+RNG: data-parallel ranks draw different dropout masks once their batches differ (different
+samples, and lengths with ``--no-pad-to-seq-lengths``), so each DP rank's RNG state is saved
+(Megatron's layout: a list indexed by DP rank in the DP-rank-0 file) and restored to that rank.
 """
 from __future__ import annotations
 
@@ -20,11 +24,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
+from mindlora.checkpoint.megatron_lm import megatron_args
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
+from mindlora.runtime.files import fsync_dir
+from mindlora.runtime.rng import capture_rng_state, restore_rng_state
+from mindlora.training import durable
 
 
 @dataclass
@@ -37,46 +45,35 @@ class TrainState:
     nan_iterations: int = 0
 
 
-def _is_lora(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
-
-
 def _lora_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in chunk.state_dict().items() if _is_lora(k)}
-
-
-def _chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: ModelConfig,
-                 parallel: ParallelConfig, iteration=None) -> dict[str, torch.Tensor]:
-    """This rank's chunk ``vp_stage`` read from a checkpoint of any layout (resharded)."""
-    tp = parallel.tensor_model_parallel_size
-    return fmt.load_model_shard(
-        load_dir, tp, parallel_state.get_tensor_model_parallel_rank(),
-        chunk_layer_ids(model, parallel, parallel_state.get_pipeline_model_parallel_rank(),
-                        vp_stage),
-        chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
-        padded_vocab_size(model, tp), iteration=iteration,
-        ep_size=parallel.expert_model_parallel_size,
-        ep_rank=parallel_state.get_expert_model_parallel_rank())
+    return {k: v.detach().clone() for k, v in chunk.state_dict().items() if loading.is_lora_key(k)}
 
 
 def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    """Every RNG stream of the run (CPU, all accelerator devices, megatron's tracker)."""
+    return capture_rng_state()
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    get_cuda_rng_tracker().set_states(dict(state["tracker"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    restore_rng_state(state)
+
+
+def _dp_rng_states() -> list[dict]:
+    """Every data-parallel rank's RNG state, indexed by DP rank (collective over DP)."""
+    states: list = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(states, _rng_state(), group=parallel_state.get_data_parallel_group())
+    return states
 
 
 def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module],
                  optimizer: torch.optim.Optimizer, scaler_state: dict, model: ModelConfig,
-                 lora: LoRAConfig, parallel: ParallelConfig, params_dtype: torch.dtype) -> str:
-    """Write the adapter checkpoint of ``state.iteration`` (collective: every rank calls it)."""
+                 lora: LoRAConfig, parallel: ParallelConfig, params_dtype: torch.dtype,
+                 keep: Optional[int] = None) -> str:
+    """Write the adapter checkpoint of ``state.iteration`` (collective: every rank calls it).
+
+    Args:
+        keep: keep only the newest ``keep`` checkpoints (``--save-total-limit``).
+    """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp = parallel.pipeline_model_parallel_size
@@ -87,6 +84,8 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
         shutil.rmtree(tmp_root, ignore_errors=True)
         os.makedirs(tmp_root, exist_ok=True)
     dist.barrier()
+    rng_states = _dp_rng_states()
+    failure = ""
     ep = parallel.expert_model_parallel_size
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     # With EP, each EP rank writes its own experts: the writer is expert-data-parallel rank 0.
@@ -100,59 +99,82 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
             padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
             tp_rank=tp_rank, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank)
         payload = {k: _lora_state(c) for k, c in zip(keys, chunks)}
+        payload["args"] = megatron_args(
+            "adapter", model, parallel.tensor_model_parallel_size, pp, vpp,
+            parallel.layers_per_stage(model.num_layers),
+            padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
+            state.iteration)  # what Megatron-LM / MindSpeed-LLM tools read
         payload.update({
             "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": state.iteration,
             "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,
-            "rng_state": _rng_state(), "train_state": vars(state).copy(),
+            "rng_state": rng_states, "train_state": vars(state).copy(),
         })
-        fmt.write_rank_file(os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp,
-                                                                      ep_rank, ep),
-                                         fmt.RANK_FILE), payload)
-    dist.barrier()
+        payload["content_sha256"] = loading.content_digest(payload)
+        path = os.path.join(tmp_root, fmt.rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep),
+                            fmt.RANK_FILE)
+        try:
+            fmt.write_rank_file(path, payload)
+            fsync_dir(os.path.dirname(path))
+            durable.fault_point("rank_file_written", path)
+        except OSError as e:
+            failure = f"{path}: {e.strerror or e}"
+    _raise_if_any_failed(failure, save_dir, tmp_root, state.iteration)
     final = os.path.join(save_dir, name)
     if dist.get_rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp_root, final)
-        fmt.write_tracker(save_dir, state.iteration)
+        durable.publish(save_dir, tmp_root, final, state.iteration)
+        if keep:
+            durable.prune(save_dir, keep)
     dist.barrier()
     return final
 
 
-def _check_compatible(meta: dict, path: str, model: ModelConfig, lora: LoRAConfig) -> None:
-    errors = []
-    saved_model = ModelConfig.from_dict(meta["model_config"])
-    if saved_model != model:
-        errors.append(f"it was trained on another base model ({saved_model.family}, "
-                      f"{saved_model.num_layers} layers, hidden {saved_model.hidden_size}) than "
-                      f"--load ({model.family}, {model.num_layers} layers, hidden "
-                      f"{model.hidden_size})")
-    saved = LoRAConfig.from_dict(meta["lora_config"])
-    for flag, a, b in (("--lora-r", saved.r, lora.r), ("--lora-alpha", saved.alpha, lora.alpha),
-                       ("--lora-target-modules", list(saved.target_modules),
-                        list(lora.target_modules)),
-                       ("--lora-use-rslora", saved.use_rslora, lora.use_rslora)):
-        if a != b:
-            errors.append(f"{flag} is {b} but the adapter was saved with {a}")
-    if errors:
-        raise ValueError(f"--lora-load {path}: " + "; ".join(errors))
+def _raise_if_any_failed(failure: str, save_dir: str, tmp_root: str, iteration: int) -> None:
+    """All ranks learn whether any write failed; then every rank raises the same kind of error."""
+    backend = dist.get_backend()
+    device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else
+              torch.device("npu", torch.npu.current_device()) if backend == "hccl" else
+              torch.device("cpu"))  # collectives take tensors on their backend's device
+    flag = torch.tensor([1.0 if failure else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    dist.barrier()  # every rank reports the failure only once nothing half-written is left
+    try:
+        previous = f"iteration {fmt.read_tracker(save_dir)}"
+    except (OSError, ValueError):
+        previous = "none"
+    where = failure or "another rank failed to write its part"
+    raise durable.CheckpointWriteError(
+        f"saving checkpoint iteration {iteration} to {save_dir} failed: {where}; the previous "
+        f"checkpoint ({previous}) is untouched")
 
 
 def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
                  optimizer: Optional[torch.optim.Optimizer], model: ModelConfig,
-                 lora: LoRAConfig, parallel: ParallelConfig, finetune: bool
+                 lora: LoRAConfig, parallel: ParallelConfig, finetune: bool,
+                 hf_config_dir: Optional[str] = None, load_rng: bool = True
                  ) -> tuple[TrainState, Optional[dict]]:
     """Restore an adapter checkpoint; returns (train state, loss-scaler state or None).
 
     With ``finetune`` only the weights are taken (from any TP x PP layout, resharded) and the run
     starts at iteration 0. Otherwise the run continues exactly, which needs the same TP x PP
-    layout (the data-parallel size may change).
+    layout (the data-parallel size may change). A MindSpeed-LLM / Megatron-LM LoRA checkpoint
+    (``args``, ``lora_A.default.weight`` keys) is read with ``finetune`` only.
+    ``optimizer=None`` (``--no-load-optim``) leaves the optimizer and loss scaler fresh;
+    ``load_rng=False`` (``--no-load-rng``) the RNG states. With another DP size, DP rank r takes
+    the state saved by rank r mod (saved DP size): the ranks then see other samples, so dropout
+    masks cannot continue the old run's anyway.
     """
-    iteration, meta = fmt.read_meta(lora_load)
-    if meta["kind"] != "adapter":
-        raise ValueError(f"--lora-load {lora_load} holds a {meta['kind']} checkpoint, not an "
-                         f"adapter (pass base weights with --load)")
-    _check_compatible(meta, lora_load, model, lora)
+    if finetune:
+        loading.load_adapter_weights(lora_load, chunks, model, lora, parallel, hf_config_dir)
+        return TrainState(), None
+    iteration, meta = loading.read_adapter_meta(lora_load, model, lora, hf_config_dir)
+    if meta.get("source") == "megatron":
+        raise ValueError(f"--lora-load {lora_load} is a MindSpeed-LLM / Megatron-LM LoRA "
+                         f"checkpoint: its optimizer and RNG state are not mindlora's, so it can "
+                         f"only start a new run from its weights: add --finetune")
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -161,11 +183,6 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     ep = parallel.expert_model_parallel_size
     same_layout = ((meta["tp"], meta["pp"], meta.get("vpp"), meta.get("ep", 1))
                    == (tp, pp, vpp, ep))
-    if finetune:
-        for v, chunk in enumerate(chunks):
-            _load_lora_weights(chunk, _chunk_shard(lora_load, chunk, v, model, parallel,
-                                                   iteration), lora_load)
-        return TrainState(), None
     if not same_layout:
         raise ValueError(
             f"--lora-load {lora_load} was saved with TP={meta['tp']} PP={meta['pp']} "
@@ -176,44 +193,14 @@ def load_adapter(lora_load: str, chunks: list[torch.nn.Module],
     path = fmt.rank_file_path(lora_load, iteration, tp_rank, pp_rank, pp,
                               parallel_state.get_expert_model_parallel_rank(), ep)
     payload = fmt.load_rank_file(path, mmap=False)
+    loading.verify_content(payload, path)
     for key, chunk in zip(keys, chunks):
-        _load_lora_weights(chunk, payload[key], path)
+        loading.load_lora_weights(chunk, payload[key], path)
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    _set_rng_state(payload["rng_state"])
+    if load_rng:
+        saved = payload["rng_state"]
+        saved = saved if isinstance(saved, list) else [saved]  # files from before per-DP states
+        _set_rng_state(saved[parallel_state.get_data_parallel_rank() % len(saved)])
     state = TrainState(**payload["train_state"])
-    return state, payload.get("loss_scaler")
-
-
-def _load_lora_weights(chunk: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
-    own = {k for k in chunk.state_dict() if _is_lora(k)}
-    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
-    if missing or unexpected:
-        raise ValueError(f"{where}: adapter tensors do not match the model "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    with torch.no_grad():
-        params = dict(chunk.named_parameters())
-        for k, t in sd.items():
-            if params[k].shape != t.shape:
-                raise ValueError(f"{where}: {k} has shape {tuple(t.shape)}, the model expects "
-                                 f"{tuple(params[k].shape)}")
-            params[k].copy_(t)
-
-
-def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
-              parallel: ParallelConfig) -> None:
-    """Load the frozen base weights of this rank's chunks from a checkpoint of any layout."""
-    for v, chunk in enumerate(chunks):
-        sd = _chunk_shard(load_dir, chunk, v, model, parallel)
-        own = {k for k in chunk.state_dict() if not k.endswith("_extra_state") and not _is_lora(k)}
-        missing = sorted(own - set(sd))
-        if missing:
-            raise ValueError(f"--load {load_dir}: the checkpoint lacks {len(missing)} tensor(s) "
-                             f"the model needs, e.g. {missing[:3]}")
-        params = dict(chunk.state_dict(keep_vars=True))
-        with torch.no_grad():
-            for k in own:
-                if params[k].shape != sd[k].shape:
-                    raise ValueError(f"--load {load_dir}: {k} has shape {tuple(sd[k].shape)}, the "
-                                     f"model expects {tuple(params[k].shape)}")
-                params[k].copy_(sd[k])
+    return state, payload.get("loss_scaler") if optimizer is not None else None

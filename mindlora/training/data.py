@@ -2,7 +2,8 @@
 
 Checks happen before any model work: a missing prefix names the expected files, data built with
 a tokenizer larger than the model's vocabulary (or, when ``--tokenizer-name-or-path`` is given,
-with another tokenizer) is refused.
+with another tokenizer) is refused, and so is a ``--prompt-type`` other than the template the
+data was preprocessed with (training never re-templates: the template is in the token ids).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from functools import partial
 from mindlora.config import ModelConfig
 from mindlora.data.dataset import build_train_valid_test, collate, parse_data_path
 from mindlora.data.indexed import require_dataset
-from mindlora.data.meta import check_tokenizer, read_meta
+from mindlora.data.meta import check_tokenizer, meta_path, read_dataset_meta
+from mindlora.data.templates import get_template
 
 
 class TrainingData:
@@ -21,9 +23,18 @@ class TrainingData:
                  sequence_parallel: bool) -> None:
         pairs = parse_data_path(data_cfg.data_path)
         pad_id = 0
+        if data_cfg.prompt_type:
+            get_template(data_cfg.prompt_type)  # an unknown name fails, listing the known ones
         for _, prefix in pairs:
             require_dataset(f"{prefix}_packed_input_ids_document")
-            meta = read_meta(prefix, required=False)
+            meta = read_dataset_meta(prefix, required=False)
+            if meta is not None and data_cfg.prompt_type and \
+                    meta.get("prompt_type") != data_cfg.prompt_type:
+                raise ValueError(
+                    f"--prompt-type {data_cfg.prompt_type} but --data-path {prefix} was "
+                    f"preprocessed with --prompt-type {meta.get('prompt_type')} "
+                    f"({meta_path(prefix)}): the chat template is baked into the token ids, so "
+                    f"preprocess again or pass the template the data was built with")
             if meta is not None:
                 if int(meta["vocab_size"]) > model.vocab_size:
                     raise ValueError(

@@ -56,8 +56,12 @@ class MetricsLogger:
                 self.writer = SummaryWriter(log_dir=train_cfg.tensorboard_dir)
 
     def count_tokens(self, batches) -> None:
-        """Add this step's input tokens (padding included), summed over data parallel."""
-        t = torch.tensor([sum(int(b["tokens"].numel()) for b in batches)], dtype=torch.int64)
+        """Add this step's input tokens (padding included), summed over data parallel.
+
+        The count travels on the runtime device: a NCCL/HCCL group has no CPU tensors.
+        """
+        t = torch.tensor([sum(int(b["tokens"].numel()) for b in batches)], dtype=torch.int64,
+                         device=current().torch_device())
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
         self._tokens += int(t.item())
 

@@ -17,12 +17,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
-from mindlora.models.builder import build_model, parameter_report, transformer_config
+from mindlora.lora.blocks import keep_block_structure
+from mindlora.models.builder import build_model, padded_vocab_size, parameter_report
+from mindlora.models.builder import transformer_config
 from mindlora.runtime import current, init_distributed, init_parallel
+from mindlora.runtime.device import to_device
+from mindlora.runtime.dtypes import from_flags
 from mindlora.training import checkpointing as ckpt
-from mindlora.training.args import RunConfig
+from mindlora.training.args import ARCH_FLAGS, RunConfig
 from mindlora.training.batches import BatchPlan, SampleOrder, micro_batches, pad_to_common_length
 from mindlora.training.batches import replicate
 from mindlora.training.data import TrainingData
@@ -31,6 +36,7 @@ from mindlora.training.moe_metrics import pop_aux_losses
 from mindlora.training.optim import LossScaler, LRSchedule, clip_grads, finalize_grads
 from mindlora.training.optim import lora_parameters, make_optimizer
 from mindlora.training.samples import SampleAnswers
+from mindlora.training.stopping import ExitConditions
 
 
 @dataclass
@@ -58,18 +64,13 @@ def _forward_step(data_iterator, model):
     return per_token, partial(_loss_func, batch["loss_mask"])
 
 
-_FLAG = {"num_moe_experts": "num_experts"}
-"""ModelConfig fields whose Megatron flag is spelled differently."""
-
-
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     """Model architecture from the base checkpoint; check optional architecture flags against it."""
-    _, meta = fmt.read_meta(run.train.load)
+    _, meta = fmt.read_meta(run.train.load, hf_config_dir=run.data.tokenizer_name_or_path)
     model = ModelConfig.from_dict(meta["model_config"])
     arch = dict(run.arch_overrides)
     vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)
-    wrong = [f"--{_FLAG.get(k, k).replace('_', '-')} {v} (checkpoint: {getattr(model, k, None)})"
-             for k, v in arch.items() if k != "padded_vocab_size" and getattr(model, k) != v]
+    wrong = check_arch_flags(arch, model, run.parallel.tensor_model_parallel_size)
     if wrong:
         raise ValueError(f"flags contradict the checkpoint in --load {run.train.load}: "
                          + ", ".join(wrong))
@@ -99,16 +100,42 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     return model, parallel
 
 
+def check_arch_flags(arch: dict, model: ModelConfig, tp: int) -> list[str]:
+    """Architecture flags that contradict the checkpoint's ``model`` (one entry each)."""
+    wrong = []
+    for key, value in arch.items():
+        flag = ARCH_FLAGS[key]
+        if key == "padded_vocab_size":
+            # Megatron's padded size is the embedding's row count; mindlora pads vocab_size to a
+            # multiple of TP (what --make-vocab-size-divisible-by 1 does), so either is consistent.
+            allowed = {model.vocab_size, padded_vocab_size(model, tp)}
+            if value not in allowed:
+                wrong.append(f"{flag} {value} (checkpoint: vocab_size {model.vocab_size}, "
+                             f"padded for TP={tp} to {padded_vocab_size(model, tp)})")
+        elif isinstance(value, bool):
+            if getattr(model, key) != value:
+                wrong.append(f"{flag} (checkpoint: {key}={getattr(model, key)})")
+        elif getattr(model, key) != value:
+            wrong.append(f"{flag} {value} (checkpoint: {getattr(model, key)})")
+    return wrong
+
+
 class Trainer:
     """One training run on this process (collective: every rank builds one)."""
 
     def __init__(self, run: RunConfig, log=print) -> None:
         self.run, self.log = run, log
         t = run.train
+        self.start_time = time.time()
         self.device = init_distributed()
+        self.torch_device = self.device.torch_device()
+        if t.distributed_backend and t.distributed_backend != dist.get_backend():
+            raise ValueError(f"--distributed-backend {t.distributed_backend}, but this "
+                             f"{self.device.kind} run uses {dist.get_backend()} (the backend "
+                             f"follows the device: cuda nccl, npu hccl, cpu gloo)")
         self.model_cfg, self.parallel = resolve_model(run)
         init_parallel(self.parallel, seed=t.seed)
-        self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        self.dtype = from_flags(t.bf16, t.fp16)
         tp = self.parallel.tensor_model_parallel_size
         self.data = TrainingData(run.data, t, self.model_cfg, tp, self.parallel.sequence_parallel)
         self.plan = BatchPlan(t.global_batch_size, t.micro_batch_size,
@@ -126,8 +153,15 @@ class Trainer:
                                     t.recompute_num_layers)
         config.finalize_model_grads_func = finalize_grads
         config.grad_scale_func = (lambda loss: loss * self.scaler.scale) if t.fp16 else None
-        self.chunks = build_model(self.model_cfg, self.parallel, run.lora, self.dtype, config)
-        ckpt.load_base(t.load, self.chunks, self.model_cfg, self.parallel)
+        hf_dir = run.data.tokenizer_name_or_path
+        # an imported PEFT adapter may stack q/k/v factors: build and train with its structure
+        self.lora = loading.saved_lora_structure(t.lora_load, run.lora, hf_dir) if t.lora_load \
+            else run.lora
+        self.chunks = build_model(self.model_cfg, self.parallel, self.lora, self.dtype, config)
+        loading.load_base(t.load, self.chunks, self.model_cfg, self.parallel, hf_config_dir=hf_dir)
+        keep_block_structure(self.chunks, self.lora, self.model_cfg,
+                             self.parallel.tensor_model_parallel_size,
+                             parallel_state.get_tensor_model_parallel_rank())
         self.params = lora_parameters(self.chunks)
         self.optimizer = make_optimizer(self.params, t.lr, t.weight_decay,
                                         (t.adam_beta1, t.adam_beta2), t.adam_eps)
@@ -139,8 +173,10 @@ class Trainer:
         self._bad_streak = 0
         if t.lora_load:
             self.state, scaler_state = ckpt.load_adapter(
-                t.lora_load, self.chunks, None if t.finetune else self.optimizer,
-                self.model_cfg, run.lora, self.parallel, t.finetune)
+                t.lora_load, self.chunks,
+                None if t.finetune or t.no_load_optim else self.optimizer,
+                self.model_cfg, self.lora, self.parallel, t.finetune, hf_config_dir=hf_dir,
+                load_rng=not t.no_load_rng)
             if scaler_state:
                 self.scaler.load_state_dict(scaler_state)
         self.order = SampleOrder(len(self.data.train), t.seed)
@@ -148,6 +184,7 @@ class Trainer:
         self.samples = (SampleAnswers(run, self.chunks, self.model_cfg, self.log,
                                       self.metrics.writer) if t.eval_prompts else None)
         self.log(f"> {parameter_report(self.chunks)} (this rank)")
+        self.log(f"> LoRA target modules: {' '.join(self.lora.target_modules)}")
 
     def _run_schedule(self, batches: list[dict], forward_only: bool) -> tuple[float, float]:
         """Forward(+backward) over micro-batches; returns (loss sum, token count), global."""
@@ -159,7 +196,7 @@ class Trainer:
             forward_step_func=_forward_step, data_iterator=iters, model=model,
             num_microbatches=len(batches), seq_length=seq,
             micro_batch_size=self.run.train.micro_batch_size, forward_only=forward_only)
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.torch_device)
         for item in out:
             totals += item["lm loss"].double()
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -172,7 +209,7 @@ class Trainer:
         batches = list(micro_batches(dataset, order, self.plan, consumed, self.data.collate))
         if self.parallel.pipeline_model_parallel_size > 1:
             batches = pad_to_common_length(batches)
-        return batches
+        return [to_device(b, self.torch_device) for b in batches]
 
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step; returns (loss, grad norm, skipped)."""
@@ -235,13 +272,15 @@ class Trainer:
     def save(self) -> None:
         t = self.run.train
         path = ckpt.save_adapter(t.save, self.state, self.chunks, self.optimizer,
-                                 self.scaler.state_dict(), self.model_cfg, self.run.lora,
-                                 self.parallel, self.dtype)
+                                 self.scaler.state_dict(), self.model_cfg, self.lora,
+                                 self.parallel, self.dtype, keep=t.save_total_limit)
         self.log(f"> saved adapter checkpoint at iteration {self.state.iteration} to {path}")
 
     def fit(self) -> TrainResult:
         t = self.run.train
         result = TrainResult()
+        exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, t.exit_signal_handler,
+                               self.start_time, self.torch_device)
         while self.state.iteration < t.train_iters:
             loss, norm, _ = self.train_step()
             result.losses.append(loss)
@@ -253,12 +292,14 @@ class Trainer:
                     self.evaluate()
                 if self.samples is not None:
                     self.samples.write(it)
-            stop = bool(t.exit_interval and it % t.exit_interval == 0)
+            stop = exits.check(it)  # --exit-interval, -duration-in-mins, -signal-handler
             if t.save and ((t.save_interval and it % t.save_interval == 0)
                            or it == t.train_iters or stop):
                 self.save()
             if stop:
+                self.log(stop)
                 break
+        exits.close()
         result.state = self.state
         self.metrics.close()
         return result

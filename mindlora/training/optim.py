@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mindlora.models.sharding import split_rule
+from mindlora.runtime.device import current
 
 
 def lora_parameters(chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:
@@ -76,7 +77,9 @@ def global_token_count(num_tokens: torch.Tensor) -> torch.Tensor:
 def grad_norm_sq_and_finite(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[float, bool]:
     """Global squared gradient norm over TP x PP, counting TP-replicated factors once."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    total = torch.zeros(2, dtype=torch.float64)  # [shared, routed experts]
+    # [shared, routed experts], on the gradients' device: the model-parallel group is NCCL/HCCL
+    # on accelerators
+    total = torch.zeros(2, dtype=torch.float64, device=current().torch_device())
     for name, p in params:
         if p.grad is None:
             continue

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from mindlora.config import ModelConfig
 from mindlora.data.dataset import parse_data_path
-from mindlora.data.meta import read_meta
+from mindlora.data.meta import read_dataset_meta
 from mindlora.data.tokenizer import load_tokenizer
 from mindlora.generation import ChatFormat, Generator, SamplingConfig, read_prompt_file
 from mindlora.generation.engine import check_prompt_lengths
@@ -33,7 +33,7 @@ class SampleAnswers:
     def __init__(self, run, chunks: list[torch.nn.Module], model: ModelConfig,
                  log: Callable[[str], None], tensorboard=None) -> None:
         t, d = run.train, run.data
-        meta = read_meta(parse_data_path(d.data_path)[0][1], required=False) or {}
+        meta = read_dataset_meta(parse_data_path(d.data_path)[0][1], required=False) or {}
         tokenizer = d.tokenizer_name_or_path or meta.get("tokenizer_path")
         prompt_type = d.prompt_type or meta.get("prompt_type")
         if not tokenizer or not prompt_type:
@@ -46,8 +46,7 @@ class SampleAnswers:
         check_prompt_lengths(self.ids, model.max_position_embeddings,
                              [r.where for r in self.records])
         self.generator = Generator(chunks, model.vocab_size, model.max_position_embeddings,
-                                   self.chat.stop_sequences(), self.chat.tok.pad_id,
-                                   max_batch_size=len(self.ids))
+                                   self.chat.stop_sequences(), self.chat.tok.pad_id)
         self.sampling = SamplingConfig(max_new_tokens=t.eval_max_new_tokens)
         self.path = os.path.join(t.save, SAMPLES_FILE) if t.save else None
         self.log, self.tensorboard = log, tensorboard

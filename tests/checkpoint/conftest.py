@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LoRAConfig, ModelConfig
 from mindlora.models.families.base import TARGET_PATHS, target_shape
 from mindlora.models.sharding import shard, split_rule
@@ -106,12 +106,12 @@ def write_adapter(root: str, cfg: ModelConfig, lora: LoRAConfig,
         for t in range(tp):
             state = {f"decoder.layers.{j}.{k}": shard(v, split_rule(k), tp, t)
                      for j, i in enumerate(ids) for k, v in layers[i].items()}
-            meta = mf.build_meta("adapter", cfg, tp, pp, None, {"model": ids},
+            meta = fmt.build_meta("adapter", cfg, tp, pp, None, {"model": ids},
                                  cfg.vocab_size, torch.float32, lora, tp_rank=t, pp_rank=p)
             payload = {"model": state, "checkpoint_version": 3.0, "iteration": iteration,
                        "mindlora": meta, "optimizer": {"state": {}}, "rng_state": [1, 2]}
-            mf.write_rank_file(mf.rank_file_path(root, iteration, t, p, pp), payload)
-    mf.write_tracker(root, iteration)
+            fmt.write_rank_file(fmt.rank_file_path(root, iteration, t, p, pp), payload)
+    fmt.write_tracker(root, iteration)
     return root
 
 

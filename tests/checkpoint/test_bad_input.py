@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.hf_format import HFSource, HFWriter
 from mindlora.config import LoRAConfig
 from tests.checkpoint.conftest import random_adapter, run_convert, write_adapter
@@ -66,7 +66,7 @@ def test_truncated_files(hf_models, tmp_path):
     mg = str(tmp_path / "mg")
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=hf_models["qwen3"],
                 model_type_hf="qwen3", save_dir=mg, target_tensor_parallel_size=2)
-    victim = mf.rank_file_path(mg, 1, 1, 0, 1)
+    victim = fmt.rank_file_path(mg, 1, 1, 0, 1)
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 3)
     with pytest.raises(ValueError, match=r"mp_rank_01/model_optim_rng.pt is not a readable"):
@@ -102,7 +102,7 @@ def test_adapter_that_does_not_match(hf_models, tmp_path, capsys):
     liar = LoRAConfig(r=8, alpha=8.0)
     bad = write_adapter(str(tmp_path / "bad"), cfg, liar, random_adapter(cfg, lora), tp=2, pp=1)
     err = _cli(capsys, *common[:-1], bad)
-    assert "r=8 expects A (8, 64)" in err
+    assert "rank 8 expects A (8, 64)" in err
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -143,4 +143,4 @@ def test_flag_combinations(hf_models, tmp_path, capsys):
     err = _cli(capsys, "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir",
                adapter, "--save-dir", str(tmp_path / "o"))
     assert "is an adapter: export it with --save-lora-to-hf" in err
-    assert torch.load(mf.rank_file_path(adapter, 7, 0, 0, 1), weights_only=True)["optimizer"]
+    assert torch.load(fmt.rank_file_path(adapter, 7, 0, 0, 1), weights_only=True)["optimizer"]

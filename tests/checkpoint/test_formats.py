@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.checkpoint.safetensors_io import (SafetensorsFile, StreamingSafetensorsWriter,
                                                 parse_size)
@@ -27,7 +27,7 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 def test_streamed_rank_file_reads_like_torch_save(tmp_path):
     data = _tensors()
-    meta = mf.build_meta("base", CFG, 1, 1, None, {"model": [0, 1]}, 32, torch.float32)
+    meta = fmt.build_meta("base", CFG, 1, 1, None, {"model": [0, 1]}, 32, torch.float32)
     skeleton = {"model": {k: v.to("meta") for k, v in data.items()}, "checkpoint_version": 3.0,
                 "iteration": 1, "mindlora": meta}
     path = str(tmp_path / "model_optim_rng.pt")
@@ -57,27 +57,34 @@ def test_streamed_rank_file_rejects_wrong_shape(tmp_path):
 
 def test_rank_file_atomic_write_and_meta(tmp_path):
     root = str(tmp_path)
-    meta = mf.build_meta("base", CFG, 2, 2, None, {"model": [0]}, 32, torch.bfloat16)
+    meta = fmt.build_meta("base", CFG, 2, 2, None, {"model": [0]}, 32, torch.bfloat16)
     for t in range(2):
         for p in range(2):
-            mf.write_rank_file(mf.rank_file_path(root, 3, t, p, 2),
+            fmt.write_rank_file(fmt.rank_file_path(root, 3, t, p, 2),
                                {"model": {}, "mindlora": {**meta, "tp_rank": t, "pp_rank": p}})
-    mf.write_tracker(root, 3)
-    assert os.path.isfile(os.path.join(root, "iter_0000003", "mp_rank_01_001", mf.RANK_FILE))
+    fmt.write_tracker(root, 3)
+    assert os.path.isfile(os.path.join(root, "iter_0000003", "mp_rank_01_001", fmt.RANK_FILE))
     assert not [n for n in os.listdir(os.path.join(root, "iter_0000003", "mp_rank_00_000"))
-                if n != mf.RANK_FILE]  # no temp file left behind
-    it, got = mf.read_meta(root)
+                if n != fmt.RANK_FILE]  # no temp file left behind
+    it, got = fmt.read_meta(root)
     assert it == 3 and got["params_dtype"] == "bfloat16" and got["pp"] == 2
 
 
-def test_megatron_lm_checkpoint_is_refused_clearly(tmp_path):
-    root = str(tmp_path)
-    path = mf.rank_file_path(root, "release", 0, 0, 1)
-    mf.write_rank_file(path, {"model": {"x": torch.zeros(1)},
+def test_foreign_checkpoints_without_usable_args_are_refused_clearly(tmp_path):
+    root = str(tmp_path / "a")
+    path = fmt.rank_file_path(root, "release", 0, 0, 1)
+    fmt.write_rank_file(path, {"model": {"x": torch.zeros(1)},
                               "args": argparse.Namespace(tensor_model_parallel_size=1)})
-    mf.write_tracker(root, "release")
-    with pytest.raises(ValueError, match=r"mp_rank_00/model_optim_rng.pt has no 'mindlora'"):
-        mf.read_meta(root)
+    fmt.write_tracker(root, "release")
+    with pytest.raises(ValueError, match=r"Megatron args in .*mp_rank_00/model_optim_rng.pt:\n"
+                                         r"  - args.num_layers is missing"):
+        fmt.read_meta(root)
+    root = str(tmp_path / "b")
+    fmt.write_rank_file(fmt.rank_file_path(root, "release", 0, 0, 1), {"model": {}})
+    fmt.write_tracker(root, "release")
+    with pytest.raises(ValueError, match=r"mp_rank_00/model_optim_rng.pt has neither 'mindlora' "
+                                         r"metadata nor Megatron 'args'"):
+        fmt.read_meta(root)
 
 
 def test_truncated_rank_file_names_the_file(tmp_path):
@@ -86,9 +93,9 @@ def test_truncated_rank_file_names_the_file(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(ValueError, match=r"model_optim_rng.pt is not a readable torch checkpoint"):
-        mf.load_rank_file(path)
+        fmt.load_rank_file(path)
     with pytest.raises(FileNotFoundError, match="missing checkpoint file"):
-        mf.load_rank_file(str(tmp_path / "nope.pt"))
+        fmt.load_rank_file(str(tmp_path / "nope.pt"))
 
 
 def test_streamed_safetensors_shards_read_by_safetensors(tmp_path):

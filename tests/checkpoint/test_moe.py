@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from mindlora.checkpoint import megatron_format as mf
 from mindlora.checkpoint.hf_format import HFSource
+from mindlora.checkpoint.loading import load_model_shard
 from mindlora.config import ModelConfig, ParallelConfig
 from tests.checkpoint.conftest import (assert_same_tensors, hf_logits, load_hf_tensors,
                                        run_convert)
@@ -155,7 +156,7 @@ def _forward(case: Case) -> torch.Tensor | None:
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     first, last = pp_rank == 0, pp_rank == case.pp - 1
     vocab = padded_vocab_size(case.cfg, case.tp)
-    state = mf.load_model_shard(case.base, case.tp, tp_rank,
+    state = load_model_shard(case.base, case.tp, tp_rank,
                                 chunk_layer_ids(case.cfg, parallel, pp_rank, 0), first, last,
                                 False, vocab, ep_size=case.ep,
                                 ep_rank=ps.get_expert_model_parallel_rank())

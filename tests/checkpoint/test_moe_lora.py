@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mindlora.checkpoint import megatron_format as mf
 from mindlora.checkpoint.hf_format import HFSource
+from mindlora.checkpoint.loading import load_model_shard
 from mindlora.checkpoint.reshard import MegatronWriter
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.families.base import target_module_paths, target_shape
@@ -60,8 +60,8 @@ def _body(rank, world, cfg, base, adapter, expected, layouts):
         args = (tp, ps.get_tensor_model_parallel_rank(), list(range(cfg.num_layers)), True, True,
                 False, padded_vocab_size(cfg, tp))
         kw = dict(ep_size=ep, ep_rank=ps.get_expert_model_parallel_rank())
-        state = mf.load_model_shard(base, *args, **kw)
-        state.update(mf.load_model_shard(adapter, *args, **kw))
+        state = load_model_shard(base, *args, **kw)
+        state.update(load_model_shard(adapter, *args, **kw))
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
         with torch.no_grad():

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
+from mindlora.checkpoint.loading import load_model_shard
 from mindlora.models.sharding import pad_vocab
 from tests.checkpoint.conftest import (SPECS, assert_same_tensors, hf_logits, load_hf_tensors,
                                        run_convert)
@@ -45,9 +46,10 @@ def test_rank_file_contents_follow_the_contract(hf_models, tmp_path):
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=root,
                 model_type_hf="qwen2", target_tensor_parallel_size=2,
                 target_pipeline_parallel_size=2, num_layer_list=[1, 3])
-    assert open(os.path.join(root, mf.TRACKER)).read() == "1"
-    first = torch.load(mf.rank_file_path(root, 1, 1, 0, 2), weights_only=True)
-    last = torch.load(mf.rank_file_path(root, 1, 0, 1, 2), weights_only=True)
+    assert open(os.path.join(root, fmt.TRACKER)).read() == "1"
+    import megatron.core  # noqa: F401  registers argparse.Namespace (Megatron 'args') as safe
+    first = torch.load(fmt.rank_file_path(root, 1, 1, 0, 2), weights_only=True)
+    last = torch.load(fmt.rank_file_path(root, 1, 0, 1, 2), weights_only=True)
     assert first["mindlora"]["layer_ids"] == {"model": [0]}
     assert last["mindlora"]["layer_ids"] == {"model": [1, 2, 3]}
     assert first["checkpoint_version"] == 3.0 and first["mindlora"]["padded_vocab_size"] == 256
@@ -61,12 +63,12 @@ def test_rank_file_contents_follow_the_contract(hf_models, tmp_path):
     tied = str(tmp_path / "tied")
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=hf_models["llama_tied"],
                 save_dir=tied, model_type_hf="llama", target_pipeline_parallel_size=2)
-    s0 = torch.load(mf.rank_file_path(tied, 1, 0, 0, 2), weights_only=True)["model"]
-    s1 = torch.load(mf.rank_file_path(tied, 1, 0, 1, 2), weights_only=True)["model"]
+    s0 = torch.load(fmt.rank_file_path(tied, 1, 0, 0, 2), weights_only=True)["model"]
+    s1 = torch.load(fmt.rank_file_path(tied, 1, 0, 1, 2), weights_only=True)["model"]
     assert torch.equal(s1["output_layer.weight"], s0["embedding.word_embeddings.weight"])
     pp1 = str(tmp_path / "tied_pp1")
     run_convert(load_model_type="mg", save_model_type="mg", load_dir=tied, save_dir=pp1)
-    assert "output_layer.weight" not in torch.load(mf.rank_file_path(pp1, 1, 0, 0, 1),
+    assert "output_layer.weight" not in torch.load(fmt.rank_file_path(pp1, 1, 0, 0, 1),
                                                    weights_only=True)["model"]
 
 
@@ -79,12 +81,12 @@ def test_load_model_shard_reshards_any_layout(hf_models, tmp_path):
                 target_pipeline_parallel_size=2)
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=b,
                 model_type_hf="qwen3")
-    reference = torch.load(mf.rank_file_path(b, 1, 0, 0, 1), weights_only=True)["model"]
-    got = mf.load_model_shard(a, 1, 0, [0, 1, 2, 3], True, True, True, 256)
+    reference = torch.load(fmt.rank_file_path(b, 1, 0, 0, 1), weights_only=True)["model"]
+    got = load_model_shard(a, 1, 0, [0, 1, 2, 3], True, True, True, 256)
     assert_same_tensors(got, reference)
     # A TP2 rank of the last two layers, from the TP1 checkpoint, equals the TP2 x PP2 file.
-    want = torch.load(mf.rank_file_path(a, 1, 1, 1, 2), weights_only=True)["model"]
-    got = mf.load_model_shard(b, 2, 1, [2, 3], False, True, True, pad_vocab(256, 2))
+    want = torch.load(fmt.rank_file_path(a, 1, 1, 1, 2), weights_only=True)["model"]
+    got = load_model_shard(b, 2, 1, [2, 3], False, True, True, pad_vocab(256, 2))
     assert_same_tensors(got, want)
 
 
@@ -93,7 +95,7 @@ def test_params_dtype_and_transformers_load(hf_models, tmp_path):
     mg, hf = str(tmp_path / "mg"), str(tmp_path / "hf")
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=mg,
                 model_type_hf="llama", params_dtype="bf16", target_tensor_parallel_size=2)
-    assert mf.read_meta(mg)[1]["params_dtype"] == "bfloat16"
+    assert fmt.read_meta(mg)[1]["params_dtype"] == "bfloat16"
     run_convert(load_model_type="mg", save_model_type="hf", load_dir=mg, save_dir=hf)
     tensors = load_hf_tensors(hf)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
@@ -115,7 +117,7 @@ def test_reads_interleaved_pipeline_checkpoints(hf_models, tmp_path):
     tp1 = str(tmp_path / "tp1")
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=tp1,
                 model_type_hf="qwen2")
-    full = torch.load(mf.rank_file_path(tp1, 1, 0, 0, 1), weights_only=True)["model"]
+    full = torch.load(fmt.rank_file_path(tp1, 1, 0, 0, 1), weights_only=True)["model"]
     root, padded = str(tmp_path / "vpp"), pad_vocab(cfg.vocab_size, 2)
     for p in range(2):
         for t in range(2):
@@ -132,12 +134,12 @@ def test_reads_interleaved_pipeline_checkpoints(hf_models, tmp_path):
                     for k in ("decoder.final_layernorm.weight", "output_layer.weight"):
                         state[k] = shard_tensor(k, full[k], 2, t, padded)
                 payload[f"model{v}"], layer_ids[f"model{v}"] = state, [layer]
-            meta = mf.build_meta("base", cfg, 2, 2, 2, layer_ids, padded, torch.float32,
+            meta = fmt.build_meta("base", cfg, 2, 2, 2, layer_ids, padded, torch.float32,
                                  tp_rank=t, pp_rank=p)
-            mf.write_rank_file(mf.rank_file_path(root, 5, t, p, 2),
+            fmt.write_rank_file(fmt.rank_file_path(root, 5, t, p, 2),
                                {**payload, "checkpoint_version": 3.0, "iteration": 5,
                                 "mindlora": meta})
-    mf.write_tracker(root, 5)
+    fmt.write_tracker(root, 5)
     out = str(tmp_path / "hf")
     run_convert(load_model_type="mg", save_model_type="hf", load_dir=root, save_dir=out)
     original = load_hf_tensors(src)

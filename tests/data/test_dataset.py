@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from mindlora.data.dataset import (BlendedDataset, InstructionDataset, build_train_valid_test,
                                    collate, parse_data_path, split_dataset)
-from mindlora.data.meta import check_tokenizer, read_meta
+from mindlora.data.meta import check_tokenizer, read_dataset_meta
 from tests.data.helpers import alpaca_records, preprocess
 
 
@@ -106,7 +106,7 @@ def test_data_path_parsing_and_building(built):
 
 
 def test_tokenizer_mismatch_is_refused(built, hf_tok, tmp_path):
-    meta = read_meta(built)
+    meta = read_dataset_meta(built)
     assert meta["vocab_size"] == hf_tok.vocab_size and meta["pack"] is False
     check_tokenizer(built, hf_tok.vocab_size, hf_tok.fingerprint)  # same tokenizer: fine
     with pytest.raises(ValueError, match=rf"vocab size {hf_tok.vocab_size}.*vocab size 999"):
@@ -114,8 +114,8 @@ def test_tokenizer_mismatch_is_refused(built, hf_tok, tmp_path):
     with pytest.raises(ValueError, match="built with another tokenizer"):
         check_tokenizer(built, hf_tok.vocab_size, "0" * 64)
     with pytest.raises(FileNotFoundError, match=r"elsewhere_meta\.json not found"):
-        read_meta(str(tmp_path / "elsewhere"))
-    assert read_meta(str(tmp_path / "elsewhere"), required=False) is None
+        read_dataset_meta(str(tmp_path / "elsewhere"))
+    assert read_dataset_meta(str(tmp_path / "elsewhere"), required=False) is None
     check_tokenizer(str(tmp_path / "elsewhere"), 5)  # data without sidecar is accepted
     np.testing.assert_equal(meta["summary"]["written"], 30)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mindlora.data.dataset import InstructionDataset, PairwiseDataset, read_meta
+from mindlora.data.dataset import InstructionDataset, PairwiseDataset
 from mindlora.data.indexed import IndexedDataset
+from mindlora.data.meta import read_dataset_meta
 from tests.data.helpers import alpaca_records, preprocess, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ def test_alpaca_outputs_names_labels_and_meta(tmp_path, hf_tok, hf_dir):
         np.testing.assert_array_equal(labels[labels != -100], ids[labels != -100])  # unshifted
     mask = IndexedDataset(prefix + "_packed_attention_mask_document")
     assert all((mask[i] == 1).all() for i in range(len(mask)))
-    meta = read_meta(prefix)
+    meta = read_dataset_meta(prefix)
     assert meta["vocab_size"] == hf_tok.vocab_size
     assert meta["tokenizer_fingerprint"] == hf_tok.fingerprint
     assert meta["summary"]["tokens"] == summary.tokens == sum(len(s["input_ids"]) for s in ds)

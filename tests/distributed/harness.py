@@ -2,7 +2,8 @@
 
 Process start-up costs seconds, so a test batches several checks into one spawned group.
 Children are forked (they inherit the parent's imports) and use one intra-op thread each, so
-N ranks on 2 cores do not oversubscribe. A failure in any rank re-raises in the test with that
+N ranks on 2 cores do not oversubscribe. They hide CUDA (``CUDA_VISIBLE_DEVICES=""``) and select
+the CPU, so on a GPU host the suite still runs its CPU tests as CPU runs. A failure in any rank re-raises in the test with that
 rank's traceback.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ def _free_port() -> int:
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="",
+                      MINDLORA_DEVICE="cpu")
     torch.set_num_threads(1)
     from mindlora.runtime import current, destroy_parallel, init_distributed
 

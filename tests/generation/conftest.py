@@ -17,6 +17,7 @@ from mindlora.checkpoint.hf_format import HFSource
 from mindlora.config import LoRAConfig
 from tests.checkpoint.conftest import random_adapter, run_convert, write_adapter
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 320
 MAX_POS = 128
 LORA = LoRAConfig(r=4, alpha=8.0, target_modules=("all-linear",))
@@ -67,6 +68,25 @@ def assets(tmp_path_factory) -> Assets:
     run_convert(load_model_type="hf", save_model_type="hf", load_dir=hf, model_type_hf="llama",
                 lora_load=adapter, save_lora_to_hf=True, save_dir=peft, lora_r=LORA.r)
     return Assets(hf, mg, adapter, peft)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory) -> str:
+    """The toy byte-level BPE (306 ids, ChatML specials; fits the test model's 320)."""
+    from mindlora.data.toy import build_toy_tokenizer
+
+    return build_toy_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=300)
+
+
+# Chat prompts for the CLI and launcher tests (text: the toy tokenizer's ids).
+PROMPTS = [
+    {"prompt": "What is 12 + 7?", "id": "a"},
+    {"messages": [{"role": "system", "content": "Answer briefly."},
+                  {"role": "user", "content": "hello"},
+                  {"role": "assistant", "content": "hi there"},
+                  {"role": "user", "content": "and 3 + 4?"}]},
+    {"prompt": "def add(a, b):"},
+]
 
 
 def prompt_ids(lengths=(5, 11, 3), seed: int = 7) -> list[list[int]]:

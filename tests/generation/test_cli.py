@@ -11,25 +11,8 @@ import pytest
 from mindlora.config import LoRAConfig
 from tests.checkpoint.conftest import random_adapter, write_adapter
 from tests.distributed.harness import spawn
-from tests.generation.conftest import MAX_POS, hf_greedy
+from tests.generation.conftest import MAX_POS, PROMPTS, ROOT, hf_greedy
 from tests.training.fixtures import tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROMPTS = [
-    {"prompt": "What is 12 + 7?", "id": "a"},
-    {"messages": [{"role": "system", "content": "Answer briefly."},
-                  {"role": "user", "content": "hello"},
-                  {"role": "assistant", "content": "hi there"},
-                  {"role": "user", "content": "and 3 + 4?"}]},
-    {"prompt": "def add(a, b):"},
-]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> str:
-    from mindlora.data.toy import build_toy_tokenizer
-
-    return build_toy_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=300)
 
 
 def _env() -> dict:
@@ -70,9 +53,10 @@ def test_cli_jsonl_in_and_out_equals_hf(assets, tokenizer, tmp_path):
 def test_cli_interactive_streams_and_keeps_the_conversation(assets, tokenizer):
     res = _cli("--load", assets.mg, "--tokenizer-name-or-path", tokenizer, "--prompt-type",
                "qwen", "--max-new-tokens", "6", "--interactive",
-               stdin="hello\n\n/clear\nwhat is 2 + 2?\nexit\n")
+               stdin="hello\n\n/clear\nwhat is 2 + 2?\n" + "1 2 3 4 " * 40 + "\nexit\n")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count(">>> ") == 5 and res.stdout.count("tokens/s]") == 2
+    assert res.stdout.count(">>> ") == 6 and res.stdout.count("tokens/s]") == 2
+    assert "interactive: the prompt has" in res.stdout  # too long: said, and the chat goes on
     assert "base model, no adapter" in res.stderr
 
 
@@ -82,6 +66,44 @@ def test_cli_flag_errors(assets, tokenizer):
     assert res.returncode == 2
     assert "--max-new-tokens (0) must be >= 1" in res.stderr
     assert "--top-p (0.0) must be in (0, 1]" in res.stderr
+    res = _cli("--load", assets.mg, "--tokenizer-name-or-path", tokenizer, "--prompt-type",
+               "qwen", "--lora-fusion", "--interactive", "--output", "a.jsonl")
+    assert res.returncode == 2
+    assert "--lora-fusion needs --lora-load" in res.stderr
+    assert "--output goes with --prompts" in res.stderr
+
+
+def _data_parallel(rank, world, assets, tokenizer, prompts, out, expect):
+    from mindlora.generation.args import parse_args
+    from mindlora.generation.cli import run
+
+    rows = run(parse_args(["--load", assets.mg, "--lora-load", assets.adapter,
+                           "--tokenizer-name-or-path", tokenizer, "--prompt-type", "qwen3",
+                           "--max-new-tokens", "10", "--prompts", prompts, "--output", out,
+                           "--micro-batch-size", "1"]), log=lambda m: None)
+    if rank == 0:
+        assert [r["token_ids"] for r in rows] == expect
+        assert [r.get("id") for r in rows] == [p.get("id") for p in PROMPTS]
+    else:
+        assert rows is None
+
+
+def test_data_parallel_replicas_share_the_prompts(assets, tokenizer, tmp_path):
+    """Two processes at TP1 x PP1: two replicas, each answers every other prompt; rank 0 writes
+    all of them, in input order, equal to HF + PEFT."""
+    from mindlora.data.tokenizer import load_tokenizer
+    from mindlora.generation.prompts import ChatFormat, PromptRecord
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    chat = ChatFormat(load_tokenizer(tokenizer), "qwen3")
+    ids = chat.encode([PromptRecord(p, "x") for p in PROMPTS])
+    eos = chat.stop_sequences()[0][0]
+    expect = [ref[:ref.index(eos) + 1] if eos in ref else ref
+              for ref in hf_greedy(assets.hf, ids, 10, peft_dir=assets.peft)]
+    out = str(tmp_path / "answers.jsonl")
+    spawn(_data_parallel, 2, assets, tokenizer, str(src), out, expect)
+    assert len(open(out).read().splitlines()) == len(PROMPTS)
 
 
 def _bad_inputs(rank, world, assets, tokenizer, other_adapter, prompts_file):

@@ -4,8 +4,9 @@ The run starts from a random adapter (``--lora-load --finetune``) so that LoRA v
 the answers. The samples written at the last iteration must equal what ``mindlora.generation``
 produces offline (KV cache, no sequence parallelism) from the adapter saved at that iteration,
 and differ from the base model's. The training-time samples come from the live model (TP2 +
-sequence parallel: no cache, padded to the TP size; PP2: activations passed between stages).
-TensorBoard text is not tested here: the tensorboard package is not installed in this venv.
+sequence parallel: no cache, padded to the TP size; PP2: activations passed between stages;
+interleaved PP2 x 2 virtual stages: activations wrap from the last stage back to the first).
+TensorBoard text goes to a stand-in writer (the tensorboard package is not installed here).
 """
 from __future__ import annotations
 
@@ -54,6 +55,22 @@ def _train_with_samples(rank, world, base, adapter, data, prompts, save, layout)
     records = read_prompt_file(prompts)
     offline = gen.generate(chat.encode(records), SamplingConfig(max_new_tokens=6))
     assert [g.token_ids for g in offline] == [r["token_ids"] for r in rows[2:]]
+    # TensorBoard text (through a stand-in writer: tensorboard is not installed here).
+    from mindlora.training.samples import SampleAnswers
+
+    class Writer:
+        calls: list = []
+
+        def add_text(self, tag, text, step):
+            self.calls.append((tag, text, step))
+
+    writer = Writer()
+    run = parse_args(flags[:flags.index("--save")] + flags[flags.index("--save") + 2:])
+    again = SampleAnswers(run, loaded.chunks, loaded.model, lambda m: None, writer).write(9)
+    if rank == 0:
+        assert [r["token_ids"] for r in again] == [r["token_ids"] for r in rows[2:]]
+        assert writer.calls and writer.calls[0][0] == "sample answers"
+        assert writer.calls[0][2] == 9 and "What is 3 + 4?" in writer.calls[0][1]
     # ... and the adapter matters: the base model alone answers otherwise.
     alone = load_for_generation(base, None, ParallelConfig(tensor_model_parallel_size=tp,
                                                            pipeline_model_parallel_size=pp))
@@ -67,7 +84,9 @@ def _train_with_samples(rank, world, base, adapter, data, prompts, save, layout)
     ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
      "--sequence-parallel"],
     ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"],
-], ids=["tp2-sp", "pp2"])
+    ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+     "--num-layers-per-virtual-pipeline-stage", "1"],
+], ids=["tp2-sp", "pp2", "pp2-vpp2"])
 def test_eval_prompts_write_samples(tmp_path, layout):
     data, vocab = preprocess_alpaca(str(tmp_path / "alpaca"), n=48)
     model = tiny_model(vocab_size=vocab)

@@ -74,6 +74,10 @@ def _checks(rank, world, tp, pp, assets, ref_base, ref_lora):
     lora = load_for_generation(assets.mg, assets.adapter, parallel)
     assert lora.lora is not None and lora.lora.r == 4
     assert _tokens(_generator(lora.chunks), PROMPTS, greedy) == ref_lora, "adapter vs HF+PEFT"
+    if tp > 1:  # CCLoRA: LoRA communication folded into the base layers' collectives
+        fused = load_for_generation(assets.mg, assets.adapter, parallel, lora_fusion=True)
+        assert fused.lora.fusion
+        assert _tokens(_generator(fused.chunks), PROMPTS, greedy) == ref_lora, "--lora-fusion"
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])

@@ -78,3 +78,28 @@ def test_bad_parallel_sizes() -> None:
         ParallelConfig(tensor_model_parallel_size=0)
     with pytest.raises(ValueError, match=r"--pipeline-model-parallel-size \(0\) must be >= 1"):
         ParallelConfig(pipeline_model_parallel_size=0)
+
+
+def test_target_regex_resolves_to_names() -> None:
+    """MindFormers' pet_config style: a regex over module paths (or bare names)."""
+    assert LoRAConfig(target_modules=(".*linear_qkv|.*linear_fc2",)).target_modules == (
+        "linear_qkv", "linear_fc2")
+    assert LoRAConfig(target_modules=(r"decoder\.layers\.\d+\.mlp\..*",)).target_modules == (
+        "linear_fc1", "linear_fc2")
+    assert LoRAConfig(target_modules=("linear_fc.", "linear_qkv")).target_modules == (
+        "linear_qkv", "linear_fc1", "linear_fc2")
+    # resolved names survive the metadata round trip unchanged
+    cfg = LoRAConfig(target_modules=(".*self_attention.*",))
+    assert LoRAConfig.from_dict(cfg.to_dict()).target_modules == ("linear_qkv", "linear_proj")
+
+
+def test_target_regex_errors_are_named() -> None:
+    with pytest.raises(ValueError, match=r"regex 'decoder\\\\.layers\\\\.0\\\\..\*' selects "
+                                         r"\['linear_qkv', 'linear_proj', 'linear_fc1', "
+                                         r"'linear_fc2'\] in some layers only"):
+        LoRAConfig(target_modules=(r"decoder\.layers\.0\..*",))
+    with pytest.raises(ValueError, match=r"unknown target '\(': .* nor a valid regex"):
+        LoRAConfig(target_modules=("(",))
+    with pytest.raises(ValueError, match=r"unknown target\(s\) \['.\*q_proj'\]: .* matches no "
+                                         r"module"):
+        LoRAConfig(target_modules=(".*q_proj",))

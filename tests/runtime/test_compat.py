@@ -1,11 +1,15 @@
-"""One test per CPU adaptation in ``mindlora.runtime.compat`` (plus proof that each is needed).
+"""One test per CPU adaptation in ``mindlora.runtime.compat`` (plus proof that each is needed,
+that none touches ``torch`` itself, and that undoing them restores megatron-core exactly).
 
-The adaptations are process-wide and idempotent; each test applies them itself so it does not
-depend on test order. Multi-rank checks run in spawned gloo ranks, where ``init_distributed``
-applies them as a real run does.
+Each test runs inside :func:`compat.cpu_compat`, which undoes the adaptations afterwards, so
+nothing leaks into the rest of the pytest session. Multi-rank checks run in spawned gloo ranks,
+where ``init_distributed`` applies them as a real run does.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,8 +19,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core import rerun_state_machine as rsm
+from megatron.core.models.common.embeddings import rotary_pos_embedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.pipeline_parallel import schedules
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.pipeline_parallel import p2p_communication, schedules
 from megatron.core.tensor_parallel import random as mp_random
 from megatron.core.transformer import utils as transformer_utils
 
@@ -25,19 +31,30 @@ from mindlora.models.builder import build_model
 from mindlora.runtime import compat, init_parallel
 from tests.distributed.harness import spawn
 
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU adaptations are CPU-only")
+# torch's own, captured before any test applies anything: they must never change.
+TORCH_OWN = {"current_device": torch.cuda.current_device, "synchronize": torch.cuda.synchronize,
+             "tensor_cuda": torch.Tensor.cuda}
+
+
+def _torch_untouched() -> bool:
+    return (torch.cuda.current_device is TORCH_OWN["current_device"]
+            and torch.cuda.synchronize is TORCH_OWN["synchronize"]
+            and torch.Tensor.cuda is TORCH_OWN["tensor_cuda"])
 
 
 @pytest.fixture(autouse=True)
-def _applied() -> None:
-    compat.apply_cpu_compat()
+def _applied():
+    assert not compat.is_applied(), "an earlier test left the CPU adaptations on"
+    with compat.cpu_compat():
+        yield
+    assert not compat.is_applied() and _torch_untouched()
 
 
-@cpu_only
 def test_unpatched_torch_fails_on_cpu() -> None:
-    """What each adaptation replaces fails on a CPU-only torch, so each patch earns its place:
-    the device queries, the CUDA RNG state megatron's tracker saves in ``add``/``fork``, and a
-    ``device="cuda"`` factory. Run in a fresh interpreter (torch only; the patches are global)."""
+    """What each adaptation replaces fails without CUDA, so each patch earns its place: the
+    device queries, the CUDA RNG state megatron's tracker saves in ``add``/``fork``, and a
+    ``device="cuda"`` factory. Run in a fresh interpreter (torch only; the patches are global)
+    with CUDA hidden, so a GPU host checks the same thing."""
     probe = textwrap.dedent("""
         import torch
         calls = {"current_device": torch.cuda.current_device,
@@ -53,14 +70,15 @@ def test_unpatched_torch_fails_on_cpu() -> None:
                 print(name, "fails")
     """)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES="")).stdout
     assert out.split() == ["current_device", "fails", "synchronize", "fails",
                            "rng_state", "fails", "cuda_literal", "fails",
                            "tensor_cuda", "fails"], out
 
 
-def test_current_device_is_cpu() -> None:
-    assert torch.cuda.current_device() == torch.device("cpu")
+def test_current_device_is_cpu_in_megatron_modules_only() -> None:
+    assert rotary_pos_embedding.torch.cuda.current_device() == torch.device("cpu")
+    assert _torch_untouched(), "torch.cuda / Tensor.cuda were replaced for the whole process"
     # A real megatron-core call site: RoPE allocates inv_freq on current_device() and moves it
     # there again on the first forward.
     rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=False)
@@ -68,15 +86,71 @@ def test_current_device_is_cpu() -> None:
     assert rope(6).shape == (6, 1, 1, 8)
 
 
-def test_synchronize_is_noop() -> None:
-    assert torch.cuda.synchronize() is None
-    assert torch.cuda.synchronize(torch.device("cpu")) is None
+def test_synchronize_is_noop_in_megatron_modules() -> None:
+    assert p2p_communication.torch.cuda.synchronize() is None
+    assert p2p_communication.torch.cuda.synchronize(torch.device("cpu")) is None
+    assert p2p_communication.torch.cuda.is_available is torch.cuda.is_available
 
 
-def test_tensor_cuda_keeps_the_tensor() -> None:
-    """megatron-core moves the tied output weight with ``weight.data.cuda()`` (PP > 1)."""
+def test_tensor_cuda_keeps_the_tensor_only_in_the_tied_embedding_setup() -> None:
+    """megatron-core moves the tied output weight with ``weight.data.cuda()`` (PP > 1) inside
+    ``setup_embeddings_and_output_layer``; only that call sees ``.cuda()`` keep the tensor.
+    (A real PP=2 tied model: tests/checkpoint/test_logit_parity.py.)"""
+    wrapped = LanguageModule.setup_embeddings_and_output_layer
+    assert wrapped.__wrapped__ is not wrapped
     t = torch.ones(3)
-    assert t.cuda() is t and t.cuda(0).device.type == "cpu"
+    with compat._tensor_cuda_stays():
+        assert t.cuda() is t and t.cuda(0).device.type == "cpu"
+    assert torch.Tensor.cuda is TORCH_OWN["tensor_cuda"]
+
+
+def test_undo_restores_megatron_exactly() -> None:
+    """Every patched attribute is megatron's own object again after undo, and re-applying works."""
+    names = ("_CUDA_RNG_STATE_TRACKER", "CudaRNGStatesTracker", "_get_cuda_rng_state",
+             "_set_cuda_rng_state")
+    compat.undo_cpu_compat()
+    before = {m: importlib.import_module(m).torch for m in compat.CUDA_MODULES}
+    rng_before = {n: getattr(mp_random, n) for n in names}
+    setup_before = LanguageModule.setup_embeddings_and_output_layer
+    assert all(t is torch for t in before.values())
+    compat.apply_cpu_compat()
+    compat.apply_cpu_compat()  # idempotent: one record per attribute
+    assert len(compat._UNDO) == len(compat.CUDA_MODULES) + 1 + 5
+    assert schedules.torch is not torch and mp_random.CudaRNGStatesTracker is not rng_before[
+        "CudaRNGStatesTracker"]
+    compat.undo_cpu_compat()
+    assert {m: importlib.import_module(m).torch for m in compat.CUDA_MODULES} == before
+    assert {n: getattr(mp_random, n) for n in names} == rng_before
+    assert LanguageModule.setup_embeddings_and_output_layer is setup_before
+    compat.apply_cpu_compat()  # the fixture's undo must find it applied
+
+
+# megatron-core modules that a mindlora run imports but whose CUDA calls it never reaches:
+# FSDP, the dynamic inference engine (generation uses StaticInferenceContext), Transformer
+# Engine, FP8, Triton fusions, CUDA graphs, the NCCL allocator, hybrid context parallelism.
+NOT_ON_OUR_PATHS = re.compile(r"megatron\.core\.(distributed\.fsdp|inference|extensions|"
+                              r"fp8_utils|fusions|"
+                              r"transformer\.cuda_graphs|nccl_allocator|"
+                              r"pipeline_parallel\.hybrid_cp_schedule)")
+CUDA_CALL = re.compile(r"torch\.cuda\.current_device\(|torch\.cuda\.synchronize\(|"
+                       r"device=['\"]cuda['\"]")
+
+
+def test_every_cuda_module_a_run_loads_has_a_view() -> None:
+    """When megatron-core grows a new CUDA call site on mindlora's paths, this names the module."""
+    for entry in ("mindlora.training.loop", "mindlora.generation.engine",
+                  "mindlora.models.builder", "mindlora.checkpoint.megatron_format",
+                  "megatron.core.dist_checkpointing.strategies.torch"):
+        importlib.import_module(entry)
+    missing = []
+    for name, module in sorted(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not name.startswith("megatron.core") or not path or NOT_ON_OUR_PATHS.match(name):
+            continue
+        with open(path) as f:
+            if CUDA_CALL.search(f.read()) and name not in compat.CUDA_MODULES:
+                missing.append(name)
+    assert not missing, missing
 
 
 def test_recompute_rng_helpers_have_no_cuda_state() -> None:
@@ -135,22 +209,25 @@ def test_cuda_literal_modules_create_cpu_tensors() -> None:
         assert module.torch.float32 is torch.float32  # everything else is torch's own
     assert transformer_utils.get_default_causal_mask(4).device.type == "cpu"
     view = schedules.torch
-    compat._patch_cuda_literals()
+    compat.apply_cpu_compat()
     assert schedules.torch is view  # idempotent: the view is not wrapped twice
     if not torch.cuda.is_available():  # the real torch is untouched outside those modules
         with pytest.raises((AssertionError, RuntimeError)):
             torch.zeros(1, device="cuda")
 
 
-def test_refuses_to_patch_a_cuda_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compat, "_APPLIED", False)
+def test_applies_on_a_host_that_has_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU suite on a GPU machine: a CPU run there gets the same adaptations."""
+    compat.undo_cpu_compat()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(RuntimeError, match="must not run on a machine with CUDA"):
-        compat.apply_cpu_compat()
+    compat.apply_cpu_compat()
+    assert compat.is_applied()
+    assert schedules.torch.cuda.current_device() == torch.device("cpu")
 
 
 def _multi_rank(rank: int, world: int) -> None:
     init_parallel(ParallelConfig(tensor_model_parallel_size=world), seed=99)
+    assert compat.is_applied() and _torch_untouched()  # init_distributed applied it, scoped
     group = parallel_state.get_tensor_model_parallel_group()
     # RNG: the default stream agrees across TP ranks, the model-parallel stream differs.
     with mp_random.get_cuda_rng_tracker().fork():

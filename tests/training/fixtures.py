@@ -19,14 +19,19 @@ def tiny_model(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def full_state(model: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random full (TP=1) megatron-core state dict with global layer ids."""
-    g = torch.Generator().manual_seed(seed)
+def full_state(model: ModelConfig, seed: int = 0, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A random full (TP=1) megatron-core state dict with global layer ids.
+
+    ``device``/``dtype``: where to draw it (bench/train.py --device cuda draws 8B weights on the
+    GPU in bf16); the CPU float32 default gives the same tensors as ever.
+    """
+    g = torch.Generator(device).manual_seed(seed)
     h, d, f = model.hidden_size, model.kv_channels, model.ffn_hidden_size
     qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
 
     def rnd(*shape, scale=0.08):
-        return torch.randn(*shape, generator=g) * scale
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale
 
     sd = {"embedding.word_embeddings.weight": rnd(model.vocab_size, h, scale=0.5),
           "decoder.final_layernorm.weight": 1 + rnd(h)}

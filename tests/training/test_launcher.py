@@ -28,6 +28,7 @@ def test_tiny_launchers_with_torchrun(tmp_path):
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ["PATH"], PYTHON=sys.executable,
                PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_PORT=_free_port(),
+               CUDA_VISIBLE_DEVICES="",  # a CPU test, also on a GPU host
                LOAD_DIR=f"{out}/qwen3_tiny_hf", SAVE_DIR=f"{out}/mcore",
                INPUT=f"{out}/alpaca_add.json", TOKENIZER_PATH=f"{out}/qwen3_tiny_hf",
                OUTPUT_PREFIX=f"{out}/data/alpaca_add", CKPT_LOAD_DIR=f"{out}/mcore",

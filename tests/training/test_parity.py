@@ -39,20 +39,35 @@ def _reference_body(rank, world, base, data, out):
         json.dump({"losses": losses, "norms": norms}, f)
 
 
-def _layouts_body(rank, world, base, data, ref_path, layouts):
+def _compare(name, losses, norms, ref):
+    """The parity check: AssertionError starting with '<name> losses:' / '<name> grad norms:'."""
     import torch
 
+    assert len(losses) == ITERS, name
+    torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64),
+                               torch.tensor(ref["losses"], dtype=torch.float64),
+                               rtol=1e-5, atol=0, msg=lambda m: f"{name} losses: {m}")
+    torch.testing.assert_close(torch.tensor(norms, dtype=torch.float64),
+                               torch.tensor(ref["norms"], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} grad norms: {m}")
+
+
+def _layouts_body(rank, world, base, data, ref_path, layouts):
     with open(ref_path) as f:
         ref = json.load(f)
     for name, extra in layouts:
         losses, norms = _run(base, data, extra)
-        assert len(losses) == ITERS, name
-        torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64),
-                                   torch.tensor(ref["losses"], dtype=torch.float64),
-                                   rtol=1e-5, atol=0, msg=lambda m: f"{name} losses: {m}")
-        torch.testing.assert_close(torch.tensor(norms, dtype=torch.float64),
-                                   torch.tensor(ref["norms"], dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} grad norms: {m}")
+        _compare(name, losses, norms, ref)
+
+
+def _changed_lr_body(rank, world, base, data, ref_path):
+    """The run itself must succeed; only the comparison may raise, and with its own message."""
+    with open(ref_path) as f:
+        ref = json.load(f)
+    losses, norms = _run(base, data, ["--lr", "2e-2"])
+    assert losses[0] == pytest.approx(ref["losses"][0], rel=1e-6)  # same start, then diverges
+    with pytest.raises(AssertionError, match=r"^lr changed losses: Tensor-likes are not close!"):
+        _compare("lr changed", losses, norms, ref)
 
 
 @pytest.fixture(scope="module")
@@ -99,5 +114,4 @@ def test_four_rank_layouts_match_single_process(setup):
 def test_parity_check_can_fail(setup):
     """A different learning rate must be caught by the same comparison."""
     base, data, ref = setup
-    with pytest.raises(Exception, match="losses"):
-        spawn(_layouts_body, 1, base, data, ref, [("lr changed", ["--lr", "2e-2"])])
+    spawn(_changed_lr_body, 1, base, data, ref)

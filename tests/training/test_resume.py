@@ -48,6 +48,7 @@ def _save_runs_body(rank, world, base, data, root):
     # exact continuation: same samples, dropout RNG, optimizer moments and LR schedule
     assert resumed.losses == full.losses[3:], (resumed.losses, full.losses)
     assert fmt.read_tracker(f"{root}/stopped") == 6
+    _dynamic_padding_resume(rank, base, data, root)
     # without dropout, for the data-parallel resize below
     nodrop = ["--lora-dropout", "0"]
     ref = _train(base, data, 6, nodrop + ["--save", f"{root}/nodrop", "--save-interval", "3",
@@ -57,6 +58,33 @@ def _save_runs_body(rank, world, base, data, root):
         with open(f"{root}/nodrop.json", "w") as f:
             json.dump(uninterrupted.losses, f)
     assert ref.state.iteration == 3
+
+
+def _dynamic_padding_resume(rank, base, data, root):
+    """DP2 + dropout + --no-pad-to-seq-lengths: the DP ranks' batches differ in length, so their
+    RNG streams diverge; each rank must get its own state back (one shared state is not exact)."""
+    from megatron.core import parallel_state
+
+    from mindlora.checkpoint import megatron_format as fmt
+    from mindlora.training.args import parse_args
+    from mindlora.training.loop import Trainer
+
+    dyn = ["--no-pad-to-seq-lengths"]
+    full = _train(base, data, 6, dyn)
+    _train(base, data, 6, dyn + ["--save", f"{root}/dyn", "--exit-interval", "3"])
+    saved = fmt.load_rank_file(fmt.rank_file_path(f"{root}/dyn", 3, 0, 0, 1))["rng_state"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["cpu"], saved[1]["cpu"])
+    dp_rank = parallel_state.get_data_parallel_rank()
+    # what --no-load-optim / --no-load-rng change in what a resume restores
+    for extra, optim_loaded, rng_loaded in (([], True, True), (["--no-load-optim"], False, True),
+                                            (["--no-load-rng"], True, False)):
+        trainer = Trainer(parse_args(_flags(base, data, 6, dyn + ["--lora-load", f"{root}/dyn",
+                                                                  *extra])), log=lambda *_: None)
+        assert trainer.state.iteration == 3, extra
+        assert bool(trainer.optimizer.state_dict()["state"]) == optim_loaded, extra
+        assert torch.equal(torch.get_rng_state(), saved[dp_rank]["cpu"]) == rng_loaded, extra
+    resumed = _train(base, data, 6, dyn + ["--lora-load", f"{root}/dyn"])
+    assert resumed.losses == full.losses[3:], (resumed.losses, full.losses)
 
 
 def _resume_body(rank, world, base, data, root):

@@ -44,9 +44,10 @@ OUTPUT_ARGS="
     --log-interval 10 --save-interval 30 --eval-interval 30 --eval-iters 1
 "
 
-mkdir -p logs
+LOG_DIR=${LOG_DIR:-"./logs"}
+mkdir -p "${LOG_DIR}"
 ${TORCHRUN:-torchrun} $DISTRIBUTED_ARGS -m mindlora.train \
     $GPT_ARGS $DATA_ARGS $LORA_ARGS $OUTPUT_ARGS \
     --load ${CKPT_LOAD_DIR} --save ${CKPT_SAVE_DIR} \
-    "$@" 2>&1 | tee logs/tune_tiny_lora_ptd.log
+    "$@" 2>&1 | tee "${LOG_DIR}/tune_tiny_lora_ptd.log"
 exit ${PIPESTATUS[0]}

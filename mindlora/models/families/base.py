@@ -14,18 +14,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mindlora.config import ModelConfig
+from mindlora.config import TARGET_PATHS, ModelConfig  # noqa: F401 (TARGET_PATHS re-exported)
 
 HF_LAYER_PREFIX = "model.layers.{}."
 MCORE_LAYER_PREFIX = "decoder.layers.{}."
 
-TARGET_PATHS = {
-    "linear_qkv": "self_attention.linear_qkv",
-    "linear_proj": "self_attention.linear_proj",
-    "linear_fc1": "mlp.linear_fc1",
-    "linear_fc2": "mlp.linear_fc2",
-}
-"""megatron-core module path (inside a layer) of each LoRA target name."""
 
 TRANSFORMS = ("copy", "qkv", "gate_up")
 
@@ -236,3 +229,51 @@ def target_module_paths(cfg: ModelConfig, target: str) -> list[str]:
     if cfg.is_moe and target in ("linear_fc1", "linear_fc2"):
         return [f"mlp.experts.local_experts.{e}.{target}" for e in range(cfg.num_moe_experts)]
     return [TARGET_PATHS[target]]
+
+
+def module_widths(cfg: ModelConfig, target: str) -> list[int]:
+    """Output rows of each HF module a LoRA target covers (q, k, v / gate, up / o / down)."""
+    d, g = cfg.kv_channels, cfg.num_query_groups
+    ffn = cfg.moe_ffn_hidden_size if cfg.is_moe else cfg.ffn_hidden_size  # one expert's
+    return {"linear_qkv": [cfg.num_attention_heads * d, g * d, g * d],
+            "linear_proj": [cfg.hidden_size],
+            "linear_fc1": [ffn, ffn],
+            "linear_fc2": [cfg.hidden_size]}[target]
+
+
+def _fuse_rows(cfg: ModelConfig, target: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    if target == "linear_qkv":
+        return interleave_qkv(*parts, cfg.num_query_groups)
+    return torch.cat(list(parts), dim=0)
+
+
+def stack_lora_b(cfg: ModelConfig, target: str, bs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rank-stacked B of a fused target from its modules' B factors: module m's rows hold B_m in
+    m's own column block and zeros elsewhere, so ``B @ [A_1; A_2; ...]`` gives each module
+    exactly ``B_m @ A_m``."""
+    total = sum(b.shape[1] for b in bs)
+    parts, start = [], 0
+    for b in bs:
+        part = b.new_zeros(b.shape[0], total)
+        part[:, start:start + b.shape[1]] = b
+        parts.append(part)
+        start += b.shape[1]
+    return _fuse_rows(cfg, target, parts)
+
+
+def split_lora_b(cfg: ModelConfig, target: str, b: torch.Tensor, ranks: Sequence[int]
+                 ) -> list[torch.Tensor]:
+    """Inverse of :func:`stack_lora_b`: each module's rows, its own column block (copies)."""
+    if target == "linear_qkv":
+        rows = list(split_qkv(b, cfg.num_query_groups, cfg.num_attention_heads, cfg.kv_channels))
+    else:
+        rows = list(b.split(module_widths(cfg, target), dim=0))
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    return [r[:, s:s + n].contiguous() for r, s, n in zip(rows, starts, ranks)]
+
+
+def lora_block_mask(cfg: ModelConfig, target: str, ranks: Sequence[int]) -> torch.Tensor:
+    """0/1 mask ``[out, sum(ranks)]`` of a rank-stacked B's blocks (1 = module's own block)."""
+    # host-tensor: built once at set-up; lora.blocks shards it and moves it to the weight's device
+    return stack_lora_b(cfg, target, [torch.ones(w, r) for w, r in
+                                      zip(module_widths(cfg, target), ranks)])

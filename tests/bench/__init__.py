@@ -1,0 +1,1 @@
+"""Tests of the benchmark helpers that need no accelerator."""

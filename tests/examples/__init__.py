@@ -1,0 +1,1 @@
+"""Checks of the example files users copy (Kubernetes manifests)."""

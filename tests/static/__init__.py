@@ -1,0 +1,1 @@
+"""Static checks over the source tree (no process groups, no models)."""
