@@ -215,6 +215,9 @@ def read_meta(load_dir: str, iteration: Optional[Iteration] = None,
     path = first_rank_file(load_dir, iteration)[0]
     payload = load_rank_file(path)
     if "mindlora" not in payload and "args" in payload:
-        from mindlora.checkpoint.megatron_lm import LegacyLayout
+        from mindlora.checkpoint.megatron_lm import LegacyLayout, args_dict, moe_refusal
+        refusal = moe_refusal(args_dict(payload, path))
+        if refusal:
+            raise ValueError(f"{path}: {refusal}")
         return iteration, LegacyLayout(load_dir, iteration, hf_config_dir).metas[0, 0]
     return iteration, validate_meta(payload.get("mindlora"), path)

@@ -54,6 +54,16 @@ def args_dict(payload: dict[str, Any], path: str) -> dict[str, Any]:
     raise ValueError(f"{path}: 'args' is a {type(args).__name__}, expected an argparse.Namespace")
 
 
+def moe_refusal(a: dict[str, Any]) -> Optional[str]:
+    """Why Megatron ``args`` of a mixture-of-experts model cannot be read (None when dense): the
+    legacy reader knows no expert-parallel file layout or expert keys yet."""
+    if not a.get("num_experts"):
+        return None
+    return (f"args.num_experts={a['num_experts']}: Megatron-LM / MindSpeed-LLM "
+            f"mixture-of-experts checkpoints are not read yet; convert the HF model with "
+            f"--target-expert-parallel-size instead (docs/moe.md)")
+
+
 def normalize_keys(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """One chunk's state dict in mindlora's key dialect (see the module docstring).
 
@@ -116,6 +126,8 @@ def model_config_from_args(a: dict[str, Any], hf: Optional[dict[str, Any]], path
                       ("position_embedding_type", "rope"), ("add_bias_linear", False)):
         if a.get(field, ok) not in (ok, None):
             errors.append(f"args.{field}={a[field]!r} (mindlora's families need {ok!r})")
+    if moe_refusal(a):
+        errors.append(moe_refusal(a))
     missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads") if not a.get(f)]
     errors += [f"args.{f} is missing" for f in missing]
     if hf is None and not a.get("vocab_size") and need_vocab:
@@ -310,9 +322,11 @@ def lora_config_from_args(a: dict[str, Any], state: dict[str, torch.Tensor], pat
 
 def megatron_args(kind: str, cfg: ModelConfig, tp: int, pp: int, vpp: Optional[int],
                   stage_counts: list[int], padded_vocab_size: int, params_dtype: torch.dtype,
-                  lora: Optional[LoRAConfig] = None, iteration: int = 0) -> argparse.Namespace:
+                  lora: Optional[LoRAConfig] = None, iteration: int = 0, ep: int = 1
+                  ) -> argparse.Namespace:
     """The ``args`` Megatron-LM / MindSpeed-LLM tools read from a rank file (plain values and a
-    torch dtype, all readable with ``weights_only=True``)."""
+    torch dtype, all readable with ``weights_only=True``); MoE models add Megatron's expert
+    flags (``num_experts`` ..., ``expert_model_parallel_size``)."""
     even = len(set(stage_counts)) == 1
     ns = dict(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
@@ -336,4 +350,8 @@ def megatron_args(kind: str, cfg: ModelConfig, tp: int, pp: int, vpp: Optional[i
         lora_r=lora.r if lora else None, lora_alpha=lora.alpha if lora else None,
         lora_target_modules=list(lora.target_modules) if lora else [],
         lora_use_rslora=lora.use_rslora if lora else False, mindlora_kind=kind)
+    if cfg.is_moe:
+        ns.update(num_experts=cfg.num_moe_experts, moe_router_topk=cfg.moe_router_topk,
+                  moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+                  moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, expert_model_parallel_size=ep)
     return argparse.Namespace(**ns)

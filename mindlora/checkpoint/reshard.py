@@ -257,7 +257,7 @@ class MegatronWriter:
         iteration = 0 if self.iteration == "release" else self.iteration
         args = megatron_args(self.kind, self.cfg, self.tp, self.pp, None,
                              [len(ids) for ids in self.stages], self.padded_vocab,
-                             self.params_dtype, self.lora_config, iteration)
+                             self.params_dtype, self.lora_config, iteration, ep=self.ep)
         skeleton = {"model": to_key_style(state, self.key_style), "args": args,
                     "checkpoint_version": mf.CHECKPOINT_VERSION, "iteration": iteration,
                     "mindlora": meta}

@@ -103,7 +103,7 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
             "adapter", model, parallel.tensor_model_parallel_size, pp, vpp,
             parallel.layers_per_stage(model.num_layers),
             padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
-            state.iteration)  # what Megatron-LM / MindSpeed-LLM tools read
+            state.iteration, ep=ep)  # what Megatron-LM / MindSpeed-LLM tools read
         payload.update({
             "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": state.iteration,
             "mindlora": meta, "optimizer": optimizer.state_dict(), "loss_scaler": scaler_state,

@@ -110,6 +110,27 @@ def test_hf_round_trip_is_bit_exact(moe_models, tmp_path, name, tp, pp, ep):
         assert json.load(f)["architectures"] == [HFSource(src, family).family.architecture]
 
 
+def test_megatron_args_carry_the_expert_flags_and_megatron_moe_is_refused(moe_models, tmp_path):
+    """Rank files carry Megatron's MoE ``args``; a Megatron-LM MoE checkpoint (``args`` only, no
+    mindlora metadata) is refused by name rather than read as a dense model."""
+    mg = str(tmp_path / "mg")
+    run_convert(load_model_type="hf", save_model_type="mg", load_dir=moe_models["qwen3_moe"],
+                save_dir=mg, model_type_hf="qwen3-moe", target_expert_parallel_size=2)
+    path = mf.rank_file_path(mg, 1, 0, 0, 1, 1, 2)
+    payload = mf.load_rank_file(path, mmap=False)
+    args = vars(payload["args"])
+    assert (args["num_experts"], args["moe_router_topk"], args["moe_ffn_hidden_size"],
+            args["expert_model_parallel_size"]) == (8, 2, 32, 2)
+    for e in range(2):
+        rank_file = mf.rank_file_path(mg, 1, 0, 0, 1, e, 2)
+        legacy = mf.load_rank_file(rank_file, mmap=False)
+        del legacy["mindlora"]
+        torch.save(legacy, rank_file)
+    with pytest.raises(ValueError, match=r"args.num_experts=8: Megatron-LM / MindSpeed-LLM "
+                                         r"mixture-of-experts checkpoints are not read yet"):
+        mf.read_meta(mg, hf_config_dir=moe_models["qwen3_moe"])
+
+
 def test_bad_expert_layouts_are_refused(moe_models, tmp_path):
     with pytest.raises(ValueError, match=r"num_moe_experts \(4\) must be a multiple of "
                                          r"--target-expert-parallel-size \(3\)"):
