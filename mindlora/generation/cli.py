@@ -85,10 +85,13 @@ def generate_data_parallel(gen: Generator, ids: list[list[int]], cfg: GenerateCo
     """Prompts dealt round-robin over the data-parallel replicas, answers gathered in order.
 
     With world size = TP x PP (one replica) this is ``gen.generate``. Every rank of a replica
-    generates the same answers; the all-gather collects them (duplicates are identical).
+    generates the same answers; the all-gather collects them (duplicates are identical). With
+    expert parallelism the data-parallel ranks of one expert group dispatch tokens to each other
+    in every MoE layer, so they must run the same batches in lockstep: every rank then generates
+    every prompt (no round-robin).
     """
     dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1:
+    if dp == 1 or parallel_state.get_expert_model_parallel_world_size() > 1:
         return gen.generate(ids, cfg.sampling, names=names)
     mine = list(range(parallel_state.get_data_parallel_rank(), len(ids), dp))
     results = gen.generate([ids[i] for i in mine], cfg.sampling, names=[names[i] for i in mine])

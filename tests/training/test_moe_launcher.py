@@ -37,7 +37,10 @@ def test_qwen3_30b_a3b_launchers_on_a_tiny_moe(tmp_path):
 
     os.symlink(os.path.join(ROOT, "tools"), tmp_path / "tools")
     run("bash", os.path.join(EX, "ckpt_convert_qwen3_30b_a3b_hf2mcore.sh"), "--no-progress")
-    log = run("bash", os.path.join(EX, "tune_qwen3_30b_a3b_lora_ptd.sh"), "--log-interval", "1")
+    # the fixture's data is built with the qwen template; the launcher's qwen3 is overridden
+    # (the data's template is checked against --prompt-type)
+    log = run("bash", os.path.join(EX, "tune_qwen3_30b_a3b_lora_ptd.sh"), "--log-interval", "1",
+              "--prompt-type", "qwen")
     lines = [ln for ln in log.splitlines() if ln.startswith(" iteration")]
     assert len(lines) == 2 and all(" | load_balancing_loss: " in ln for ln in lines), log[-3000:]
     for e in (0, 1):
@@ -45,7 +48,7 @@ def test_qwen3_30b_a3b_launchers_on_a_tiny_moe(tmp_path):
     with open(f"{out}/prompts.jsonl", "w") as f:
         f.write(json.dumps({"prompt": "1 + 2 ="}) + "\n")
     gen = run("bash", os.path.join(EX, "generate_qwen3_30b_a3b_lora.sh"), "--output",
-              f"{out}/answers.jsonl")
+              f"{out}/answers.jsonl", "--prompt-type", "qwen")
     with open(f"{out}/answers.jsonl") as f:
         answers = [json.loads(line) for line in f]
     assert len(answers) == 1, gen[-2000:]
