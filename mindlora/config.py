@@ -310,10 +310,3 @@ class ParallelConfig:
                 errors.append(f"num_layers ({model.num_layers}) must be a multiple of pipeline "
                               f"stages x virtual stages ({chunks}); or pass --num-layer-list")
         fail_if(errors, "parallel layout for this model")
-
-    def layers_per_stage(self, num_layers: int) -> list[int]:
-        """Layers held by each pipeline stage (virtual chunks counted together)."""
-        if self.num_layer_list is not None:
-            return list(self.num_layer_list)
-        pp = self.pipeline_model_parallel_size
-        return [num_layers // pp] * pp

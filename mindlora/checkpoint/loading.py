@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.reshard import MegatronReader, shard_tensor
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
-from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
-from mindlora.models.sharding import expert_owner
+from mindlora.parallel.layout import chunk_layer_ids, expert_owner, pad_vocab
 
 
 def content_digest(payload: dict) -> str:
@@ -72,7 +72,7 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
     """State dict of one model chunk in the *target* layout, from a checkpoint of any layout.
 
     Reads only the source rank files that hold ``layer_ids`` (memory-mapped), gathers each tensor
-    to its full shape and cuts this rank's shard (mindlora.models.sharding). Works for base and
+    to its full shape and cuts this rank's shard (mindlora.parallel.layout). Works for base and
     adapter checkpoints alike; an adapter yields only ``lora_A``/``lora_B`` keys.
 
     Args:
@@ -84,7 +84,7 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
             without the embedding then gets ``output_layer.weight`` as a copy of it.
         padded_vocab_size: vocabulary rows of the target model (all TP ranks together).
         hf_config_dir: HF config.json folder for Megatron-LM checkpoints (see
-            ``megatron_format.read_meta``).
+            ``describe.read_checkpoint_meta``).
         ep_size, ep_rank: the target expert-parallel layout: only this rank's routed experts
             are returned, renumbered from 0 (mixture-of-experts models).
     """
@@ -132,7 +132,7 @@ def chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: Mod
         chunk_layer_ids(model, parallel, parallel_state.get_pipeline_model_parallel_rank(),
                         vp_stage),
         chunk.pre_process, chunk.post_process, model.tie_word_embeddings,
-        padded_vocab_size(model, tp), iteration=iteration, hf_config_dir=hf_config_dir,
+        pad_vocab(model.vocab_size, tp), iteration=iteration, hf_config_dir=hf_config_dir,
         ep_size=parallel.expert_model_parallel_size,
         ep_rank=parallel_state.get_expert_model_parallel_rank())
 
@@ -167,7 +167,7 @@ def saved_lora_structure(lora_load: str, lora: LoRAConfig, hf_config_dir: Option
                          ) -> LoRAConfig:
     """``lora`` (the flags) with the rank-stacked structure (``ranks``, ``scalings``) of the
     adapter in ``lora_load``, so the model is built to hold it; flags are checked on load."""
-    _, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
+    _, meta = describe.read_checkpoint_meta(lora_load, hf_config_dir=hf_config_dir)
     saved = meta.get("lora_config") or {}
     ranks = {k: v for k, v in (saved.get("ranks") or {}).items() if k in lora.target_modules}
     scalings = {k: v for k, v in (saved.get("scalings") or {}).items()
@@ -179,7 +179,7 @@ def read_adapter_meta(lora_load: str, model: ModelConfig, lora: LoRAConfig,
                       hf_config_dir: Optional[str] = None) -> tuple:
     """(iteration, metadata) of the adapter checkpoint ``lora_load``, refused by name when it is
     not an adapter or was trained on another model or with other LoRA flags."""
-    iteration, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
+    iteration, meta = describe.read_checkpoint_meta(lora_load, hf_config_dir=hf_config_dir)
     if meta["kind"] != "adapter":
         raise ValueError(f"--lora-load {lora_load} holds a {meta['kind']} checkpoint, not an "
                          f"adapter (pass base weights with --load)")

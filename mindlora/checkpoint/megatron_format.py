@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import torch
 
 from mindlora.config import LoRAConfig, ModelConfig
-from mindlora.runtime.dtypes import dtype_from_name, dtype_name  # noqa: F401  (reshard reads here)
+from mindlora.runtime.dtypes import dtype_name
 from mindlora.runtime.files import atomic_path
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -170,54 +170,15 @@ def load_rank_file(path: str, mmap: bool = True) -> dict[str, Any]:
     return payload
 
 
-def find_pp_size(root: str, iteration: Iteration) -> int:
-    """Pipeline size of a checkpoint: 1 if ``mp_rank_00`` exists, else what its metadata says."""
-    return first_rank_file(root, iteration)[1]
-
-
-def first_rank_file(root: str, iteration: Iteration) -> tuple[str, int, int]:
-    """(path, pp, ep) of the TP0/PP0/EP0 rank file: ``mp_rank_00``, ``mp_rank_00_000`` (PP or EP)
-    or ``mp_rank_00_000_000`` (PP and EP); the metadata tells PP from EP in the middle case."""
+def first_rank_path(root: str, iteration: Iteration) -> str:
+    """Path of the TP0/PP0/EP0 rank file: ``mp_rank_00``, ``mp_rank_00_000`` (PP or EP) or
+    ``mp_rank_00_000_000`` (PP and EP). Which of PP and EP the middle case means is what the file
+    itself says (mindlora metadata or Megatron ``args``): mindlora.checkpoint.describe reads it."""
     base = os.path.join(root, iteration_dir_name(iteration))
-    if os.path.isfile(os.path.join(base, rank_dir_name(0, 0, 1), RANK_FILE)):
-        return os.path.join(base, rank_dir_name(0, 0, 1), RANK_FILE), 1, 1
-    for pp, ep in ((2, 1), (2, 2)):
+    for pp, ep in ((1, 1), (2, 1), (2, 2)):
         path = os.path.join(base, rank_dir_name(0, 0, pp, 0, ep), RANK_FILE)
         if os.path.isfile(path):
-            payload = load_rank_file(path)
-            if "mindlora" not in payload and "args" in payload:  # Megatron-LM / MindSpeed-LLM
-                from mindlora.checkpoint.megatron_lm import args_dict
-                args = args_dict(payload, path)
-                return (path, int(args.get("pipeline_model_parallel_size") or 1),
-                        int(args.get("expert_model_parallel_size") or 1))
-            meta = validate_meta(payload.get("mindlora"), path)
-            return path, int(meta["pp"]), int(meta.get("ep", 1))
+            return path
     raise FileNotFoundError(f"missing checkpoint file {os.path.join(base, 'mp_rank_00', RANK_FILE)}"
                             f" (nor mp_rank_00_000): {root} holds no "
                             f"{iteration_dir_name(iteration)}")
-
-
-def read_meta(load_dir: str, iteration: Optional[Iteration] = None,
-              hf_config_dir: Optional[str] = None) -> tuple[Iteration, dict[str, Any]]:
-    """(iteration, metadata of rank file TP0/PP0) of the checkpoint in ``load_dir``.
-
-    A Megatron-LM / MindSpeed-LLM checkpoint (``args``, no ``mindlora``) gets the same metadata,
-    derived by :class:`mindlora.checkpoint.megatron_lm.LegacyLayout` (``meta["source"]`` is
-    ``"megatron"``).
-
-    Args:
-        iteration: which iteration; default: the one ``latest_checkpointed_iteration.txt`` names.
-        hf_config_dir: folder of the HF config.json that fills in what Megatron ``args`` lack
-            (rope scaling, true vocab size); unused for mindlora checkpoints.
-    """
-    if iteration is None:
-        iteration = read_tracker(load_dir)
-    path = first_rank_file(load_dir, iteration)[0]
-    payload = load_rank_file(path)
-    if "mindlora" not in payload and "args" in payload:
-        from mindlora.checkpoint.megatron_lm import LegacyLayout, args_dict, moe_refusal
-        refusal = moe_refusal(args_dict(payload, path))
-        if refusal:
-            raise ValueError(f"{path}: {refusal}")
-        return iteration, LegacyLayout(load_dir, iteration, hf_config_dir).metas[0, 0]
-    return iteration, validate_meta(payload.get("mindlora"), path)

@@ -26,6 +26,7 @@ import torch
 
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LORA_TARGETS, LoRAConfig, ModelConfig, fail_if
+from mindlora.parallel.layout import layer_counts, layer_ids, layers_per_virtual_stage
 
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
@@ -177,26 +178,14 @@ def _layer_counts(state: dict[str, torch.Tensor], path: str) -> int:
     return len(ids)
 
 
-def _expected_counts(a: dict[str, Any], pp: int, vpp: int) -> Optional[list[list[int]]]:
-    """Layers per (stage, chunk) as args describe them, or None if args leave it even."""
-    n = a["num_layers"]
+def _expected_counts(a: dict[str, Any], pp: int, vpp: int) -> list[list[int]]:
+    """Layers per (stage, chunk) as args describe them (mindlora.parallel.layout counts)."""
     layer_list = a.get("num_layer_list")
-    if layer_list:
-        counts = [int(x) for x in str(layer_list).replace(" ", "").split(",") if x] \
-            if isinstance(layer_list, str) else [int(x) for x in layer_list]
-        return [[c] for c in counts]
-    first, last = a.get("decoder_first_pipeline_num_layers"), a.get("decoder_last_pipeline_num_layers")
-    if first or last:
-        middle = pp - (1 if first else 0) - (1 if last else 0)
-        rest = n - (first or 0) - (last or 0)
-        each = rest // middle if middle else 0
-        counts = [each] * pp
-        if first:
-            counts[0] = first
-        if last:
-            counts[-1] = last
-        return [[c] for c in counts]
-    return [[n // (pp * vpp)] * vpp for _ in range(pp)]
+    if isinstance(layer_list, str):
+        layer_list = [int(x) for x in layer_list.replace(" ", "").split(",") if x]
+    return layer_counts(a["num_layers"], pp, vpp, layer_list,
+                        first=a.get("decoder_first_pipeline_num_layers"),
+                        last=a.get("decoder_last_pipeline_num_layers"))
 
 
 class LegacyLayout:
@@ -208,15 +197,14 @@ class LegacyLayout:
 
     def __init__(self, root: str, iteration: fmt.Iteration, hf_config_dir: Optional[str] = None
                  ) -> None:
-        pp0 = fmt.find_pp_size(root, iteration)
-        path0 = fmt.rank_file_path(root, iteration, 0, 0, pp0)
+        path0 = fmt.first_rank_path(root, iteration)
         first = fmt.load_rank_file(path0)
         a = args_dict(first, path0)
         tp, pp = int(a.get("tensor_model_parallel_size") or 1), int(
             a.get("pipeline_model_parallel_size") or 1)
-        if pp != pp0:
-            raise ValueError(f"{path0}: args.pipeline_model_parallel_size={pp} but the directory "
-                             f"layout says {pp0}")
+        if path0 != fmt.rank_file_path(root, iteration, 0, 0, pp):
+            raise ValueError(f"{path0}: args.pipeline_model_parallel_size={pp} does not match "
+                             f"the directory name {os.path.basename(os.path.dirname(path0))}")
         chunks = [k for k in first if re.fullmatch(r"model\d*", k)]
         vpp = len(chunks) if chunks != ["model"] else None
         if not chunks:
@@ -253,11 +241,7 @@ class LegacyLayout:
         padded = self._check_shapes(cfg, states0[0], tp, a, path0)
         dtype = next((v.dtype for v in states0[0].values() if v.is_floating_point()),
                      torch.float32)
-        ids, start = {}, 0
-        for v in range(vpp or 1):
-            for p in range(pp):
-                ids[p, v] = list(range(start, start + counts[p][v]))
-                start += counts[p][v]
+        ids = layer_ids(counts)
         self.metas = {}
         for p in range(pp):
             layer_ids = {k: ids[p, v] for v, k in enumerate(keys)}
@@ -342,7 +326,8 @@ def megatron_args(kind: str, cfg: ModelConfig, tp: int, pp: int, vpp: Optional[i
         untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
-        num_layers_per_virtual_pipeline_stage=(cfg.num_layers // (pp * vpp)) if vpp else None,
+        num_layers_per_virtual_pipeline_stage=(layers_per_virtual_stage(cfg.num_layers, pp, vpp)
+                                               if vpp else None),
         num_layer_list=None if even else ",".join(map(str, stage_counts)),
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16, model_type_hf=cfg.family, use_mcore_models=True,

@@ -1,7 +1,7 @@
 """Resharding: gather a saved layout to full tensors, cut full tensors into any TP x PP layout.
 
 Only slicing lives here. Which axis a parameter splits along comes from the one table in
-mindlora.models.sharding; which layers a rank holds comes from the checkpoint's own metadata when
+mindlora.parallel.layout; which layers a rank holds comes from the checkpoint's own metadata when
 reading, and from the layer split (``--num-layer-list`` or even) when writing. Layers are visited
 one at a time, so memory holds about one layer (plus what the sink buffers).
 
@@ -15,13 +15,15 @@ from typing import Any, Optional
 
 import torch
 
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import describe
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.megatron_lm import (LegacyLayout, is_lora_key, megatron_args,
                                              normalize_keys, to_key_style)
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.config import LoRAConfig, ModelConfig
-from mindlora.models.sharding import (expert_global_key, expert_owner, gather, pad_vocab,
-                                      shard, split_rule)
+from mindlora.parallel.layout import (expert_global_key, expert_owner, gather, layer_counts,
+                                      layer_ids, pad_vocab, shard, split_rule)
+from mindlora.runtime.dtypes import dtype_from_name
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 GLOBAL_KEYS = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
@@ -47,14 +49,6 @@ def shard_tensor(key: str, full: torch.Tensor, tp_size: int, tp_rank: int,
     return shard(full, split_rule(key), tp_size, tp_rank)
 
 
-def stage_layer_ids(num_layers: int, pp: int, num_layer_list: Optional[list[int]] = None
-                    ) -> list[list[int]]:
-    """Global layer ids of each pipeline stage for a non-interleaved target layout."""
-    counts = list(num_layer_list) if num_layer_list else [num_layers // pp] * pp
-    starts = [sum(counts[:p]) for p in range(pp)]
-    return [list(range(s, s + n)) for s, n in zip(starts, counts)]
-
-
 class MegatronReader:
     """Lazy, memory-mapped reader of a mindlora checkpoint saved under any TP x PP x VPP layout.
 
@@ -62,10 +56,10 @@ class MegatronReader:
     truncated or inconsistent file is reported before any output is written.
     """
 
-    def __init__(self, root: str, iteration: Optional[mf.Iteration] = None,
+    def __init__(self, root: str, iteration: Optional[fmt.Iteration] = None,
                  hf_config_dir: Optional[str] = None) -> None:
         self.root, self.hf_config_dir = root, hf_config_dir
-        self.iteration, self.meta = mf.read_meta(root, iteration, hf_config_dir)
+        self.iteration, self.meta = describe.read_checkpoint_meta(root, iteration, hf_config_dir)
         self._legacy = None
         if self.meta.get("source") == "megatron":  # Megatron-LM / MindSpeed-LLM: args, no meta
             self._legacy = LegacyLayout(root, self.iteration, hf_config_dir).metas
@@ -75,8 +69,8 @@ class MegatronReader:
         self.lora_config: Optional[LoRAConfig] = LoRAConfig.from_dict(lora) if lora else None
         self.tp, self.pp = int(self.meta["tp"]), int(self.meta["pp"])
         self.ep = int(self.meta.get("ep", 1))
-        self.params_dtype = mf.dtype_from_name(self.meta["params_dtype"])
-        self._chunks = mf.chunk_keys(self.meta.get("vpp"))
+        self.params_dtype = dtype_from_name(self.meta["params_dtype"])
+        self._chunks = fmt.chunk_keys(self.meta.get("vpp"))
         self._where: dict[int, tuple[int, str, int]] = {}
         for pp_rank in range(self.pp):
             metas = [self._check_file(tp_rank, pp_rank, ep_rank) for ep_rank in range(self.ep)
@@ -96,14 +90,14 @@ class MegatronReader:
             raise ValueError(f"{root}: the rank files hold no layer(s) {missing}")
 
     def path(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
-        return mf.rank_file_path(self.root, self.iteration, tp_rank, pp_rank, self.pp, ep_rank,
+        return fmt.rank_file_path(self.root, self.iteration, tp_rank, pp_rank, self.pp, ep_rank,
                                  self.ep)
 
     def _check_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         path = self.path(tp_rank, pp_rank, ep_rank)
         if self._legacy is not None:
             return self._legacy[tp_rank, pp_rank]
-        meta = mf.validate_meta(mf.load_rank_file(path).get("mindlora"), path)
+        meta = fmt.validate_meta(fmt.load_rank_file(path).get("mindlora"), path)
         for field in ("kind", "tp", "pp", "ep", "model_config"):
             if meta.get(field) != self.meta.get(field):
                 raise ValueError(f"{path}: {field} {meta.get(field)!r} differs from the other "
@@ -119,7 +113,7 @@ class MegatronReader:
         out = []
         for t in range(self.tp):
             path = self.path(t, pp_rank, ep_rank)
-            payload = mf.load_rank_file(path)
+            payload = fmt.load_rank_file(path)
             out.append({k: normalize_keys(v, path) if k in self._chunks else v
                         for k, v in payload.items()})
         return out
@@ -194,12 +188,13 @@ class MegatronWriter:
 
     def __init__(self, root: str, kind: str, model_config: ModelConfig, tp: int, pp: int,
                  num_layer_list: Optional[list[int]], params_dtype: torch.dtype,
-                 lora_config: Optional[LoRAConfig] = None, iteration: mf.Iteration = 1,
+                 lora_config: Optional[LoRAConfig] = None, iteration: fmt.Iteration = 1,
                  ep: int = 1, key_style: str = "mindlora") -> None:
         self.root, self.kind, self.cfg = root, kind, model_config
         self.key_style = key_style
         self.tp, self.pp, self.ep, self.iteration = tp, pp, ep, iteration
-        self.stages = stage_layer_ids(model_config.num_layers, pp, num_layer_list)
+        ids = layer_ids(layer_counts(model_config.num_layers, pp, num_layer_list=num_layer_list))
+        self.stages = [ids[p, 0] for p in range(pp)]
         self.stage_of = {i: (p, j) for p, ids in enumerate(self.stages) for j, i in enumerate(ids)}
         self.padded_vocab = pad_vocab(model_config.vocab_size, tp)
         self.params_dtype, self.lora_config = params_dtype, lora_config
@@ -251,7 +246,7 @@ class MegatronWriter:
     def _plan_file(self, p: int, t: int, e: int, entries: list[tuple[str, torch.Tensor]]
                    ) -> None:
         state = {k: shard_tensor(k, v, self.tp, t, self.padded_vocab) for k, v in entries}
-        meta = mf.build_meta(self.kind, self.cfg, self.tp, self.pp, None,
+        meta = fmt.build_meta(self.kind, self.cfg, self.tp, self.pp, None,
                              {"model": self.stages[p]}, self.padded_vocab, self.params_dtype,
                              self.lora_config, tp_rank=t, pp_rank=p, ep=self.ep, ep_rank=e)
         iteration = 0 if self.iteration == "release" else self.iteration
@@ -259,9 +254,9 @@ class MegatronWriter:
                              [len(ids) for ids in self.stages], self.padded_vocab,
                              self.params_dtype, self.lora_config, iteration, ep=self.ep)
         skeleton = {"model": to_key_style(state, self.key_style), "args": args,
-                    "checkpoint_version": mf.CHECKPOINT_VERSION, "iteration": iteration,
+                    "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": iteration,
                     "mindlora": meta}
-        path = mf.rank_file_path(self.root, self.iteration, t, p, self.pp, e, self.ep)
+        path = fmt.rank_file_path(self.root, self.iteration, t, p, self.pp, e, self.ep)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.files[p, t, e] = StreamingRankFile(path, skeleton)
 
@@ -287,4 +282,4 @@ class MegatronWriter:
     def finish(self) -> None:
         for f in self.files.values():
             f.close()
-        mf.write_tracker(self.root, self.iteration)
+        fmt.write_tracker(self.root, self.iteration)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
@@ -39,7 +40,7 @@ def read_model_config(load: str, hf_config_dir: Optional[str] = None) -> ModelCo
     if not os.path.isdir(load):
         raise FileNotFoundError(f"--load {load}: no such checkpoint directory (convert a Hugging "
                                 f"Face model with tools/convert_ckpt.py first)")
-    _, meta = fmt.read_meta(load, hf_config_dir=hf_config_dir)
+    _, meta = describe.read_checkpoint_meta(load, hf_config_dir=hf_config_dir)
     if meta["kind"] != "base":
         raise ValueError(f"--load {load} holds a {meta['kind']} checkpoint, not base weights "
                          f"(pass an adapter with --lora-load)")
@@ -51,7 +52,7 @@ def read_lora_config(lora_load: str, fusion: bool, hf_config_dir: Optional[str] 
     """The LoRA hyper-parameters stored in the adapter checkpoint ``--lora-load``."""
     if not os.path.isdir(lora_load):
         raise FileNotFoundError(f"--lora-load {lora_load}: no such adapter checkpoint directory")
-    _, meta = fmt.read_meta(lora_load, hf_config_dir=hf_config_dir)
+    _, meta = describe.read_checkpoint_meta(lora_load, hf_config_dir=hf_config_dir)
     if meta["kind"] != "adapter":
         raise ValueError(f"--lora-load {lora_load} holds a {meta['kind']} checkpoint, not an "
                          f"adapter (pass base weights with --load)")

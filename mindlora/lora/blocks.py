@@ -2,7 +2,8 @@
 
 An imported PEFT adapter with independent q/k/v (gate/up) factors becomes one fused factor pair
 per target: ``A = [A_q; A_k; A_v]`` and a block-structured B whose q rows use only A_q's rank
-slice, and so on (mindlora.models.families.base.stack_lora_b). The math of the layer is unchanged
+slice, and so on (mindlora.models.families.base.stack_lora_b, which also builds the masks used
+here: the blocks' widths are the model's knowledge, not LoRA's). The math of the layer is unchanged
 (``y = base(x) + s * B A x``). Left alone, B's gradient ``dY (A x)^T`` is dense, so training would
 fill the off-block zeros and the factors could no longer be split back into q/k/v. Masking B's
 gradient to its blocks keeps them zero (Adam's update of a parameter whose gradient is always
@@ -13,18 +14,19 @@ from __future__ import annotations
 
 import torch
 
-from mindlora.config import LoRAConfig, ModelConfig
-from mindlora.models.families.base import TARGET_PATHS, lora_block_mask
-from mindlora.models.sharding import shard, split_rule
+from mindlora.config import TARGET_PATHS
+from mindlora.parallel.layout import shard, split_rule
 
 
-def keep_block_structure(chunks: list[torch.nn.Module], lora: LoRAConfig, model: ModelConfig,
+def keep_block_structure(chunks: list[torch.nn.Module], masks: dict[str, torch.Tensor],
                          tp_size: int, tp_rank: int) -> int:
     """Mask the off-block gradient of every rank-stacked target's B; return how many layers.
 
-    Targets with one module (o, down) or with mindlora's shared A have no blocks to keep.
+    Args:
+        masks: target -> 0/1 mask of its full (TP=1) B's blocks
+            (mindlora.models.families.base.lora_block_masks); targets with one module (o, down)
+            or with mindlora's shared A have none.
     """
-    masks = {t: lora_block_mask(model, t, r) for t, r in lora.ranks.items() if len(r) > 1}
     hooked = 0
     for chunk in chunks:
         for name, module in chunk.named_modules():

@@ -3,7 +3,7 @@
 Both subclass megatron-core's parallel linears, so the frozen base weight keeps its key, layout
 and ``(output, bias)`` return, and a base checkpoint loads into a LoRA model unchanged.
 
-Sharding (docs/lora.md has the diagram; ``mindlora.models.sharding`` has the table):
+Sharding (docs/lora.md has the diagram; ``mindlora.parallel.layout`` has the table):
 
 * column base (W split on rows): A ``[r, in]`` replicated, B ``[out/tp, r]`` split like W's rows.
   ``z = A x`` is computed locally and only ``z`` (r wide) crosses ranks: its backward all-reduce
@@ -42,7 +42,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from mindlora.config import LoRAConfig
 from mindlora.lora import fused
-from mindlora.models.sharding import shard, split_rule
+from mindlora.parallel.layout import lora_factor_splits, shard, split_rule
 
 
 class LoRAMixin:
@@ -91,7 +91,7 @@ class LoRAMixin:
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None) -> dict:
         """megatron-core's sharded state dict of the base layer, plus the LoRA factors with the
-        TP axis ``mindlora.models.sharding`` gives them: column base -> A replicated, B split on
+        TP axis ``mindlora.parallel.layout`` gives them: column base -> A replicated, B split on
         dim 0 (gate/up halves of a gated ``linear_fc1`` split separately, as megatron-core does
         for the base weight); row base -> A split on dim 1, B replicated.
 
@@ -102,8 +102,7 @@ class LoRAMixin:
         """
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         factors = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
-        gated = self.config.gated_linear_unit
-        rules = {k: split_rule(prefix + k, gated_fc1=gated) for k in factors}
+        rules = lora_factor_splits(prefix, gated_fc1=self.config.gated_linear_unit)
         lora = make_sharded_tensors_for_checkpoint(
             factors, prefix, {k: r.dim for k, r in rules.items() if r.dim is not None},
             sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])

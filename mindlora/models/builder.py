@@ -1,7 +1,7 @@
 """Build the megatron-core GPTModel chunk(s) of this pipeline rank from the typed configs.
 
 The parallel layout is turned into an explicit ``pipeline_model_parallel_layout`` (even, uneven via
-``--num-layer-list``, or interleaved), so one function (:func:`chunk_layer_ids`) says which global
+``--num-layer-list``, or interleaved) from mindlora.parallel.layout, which also says which global
 layers a chunk holds for the model, the checkpoint loader and the adapter files alike.
 """
 from __future__ import annotations
@@ -16,54 +16,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.lora.layers import LORA_LAYER_TYPES, init_lora_factors
-from mindlora.lora.spec import gpt_layer_spec
+from mindlora.models.spec import gpt_layer_spec
 from mindlora.models.gpt import MindloraGPTModel
 from mindlora.models.moe import moe_config_fields
 from mindlora.models.norm import RMSNorm
-from mindlora.models.sharding import expert_index, pad_vocab
+from mindlora.parallel.layout import (chunk_layer_ids, expert_index, pad_vocab,
+                                      parallel_layer_counts, pipeline_layout)
 from mindlora.runtime.device import current
-
-
-def stage_layer_counts(model: ModelConfig, parallel: ParallelConfig) -> list[list[int]]:
-    """``counts[pp_rank][vp_stage]``: decoder layers in each model chunk."""
-    pp = parallel.pipeline_model_parallel_size
-    vpp = parallel.virtual_pipeline_model_parallel_size or 1
-    if parallel.num_layer_list is not None:
-        return [[n] for n in parallel.num_layer_list]
-    per_chunk = model.num_layers // (pp * vpp)
-    return [[per_chunk] * vpp for _ in range(pp)]
-
-
-def chunk_layer_ids(model: ModelConfig, parallel: ParallelConfig, pp_rank: int,
-                    vp_stage: int = 0) -> list[int]:
-    """Global (0-based) ids of the decoder layers held by chunk ``(pp_rank, vp_stage)``.
-
-    Interleaved order: chunk (pp_rank, v) comes after all chunks (*, v-1) and (p < pp_rank, v).
-    """
-    counts = stage_layer_counts(model, parallel)
-    pp, vpp = len(counts), len(counts[0])
-    start = 0
-    for v in range(vpp):
-        for p in range(pp):
-            if (p, v) == (pp_rank, vp_stage):
-                return list(range(start, start + counts[p][v]))
-            start += counts[p][v]
-    raise ValueError(f"no chunk ({pp_rank}, {vp_stage}) in a {pp}x{vpp} pipeline")
-
-
-def _layout(model: ModelConfig, parallel: ParallelConfig) -> list[list[str]]:
-    counts = stage_layer_counts(model, parallel)
-    pp, vpp = len(counts), len(counts[0])
-    layout = []
-    for v in range(vpp):
-        for p in range(pp):
-            row = ["decoder"] * counts[p][v]
-            if (p, v) == (0, 0):
-                row = ["embedding"] + row
-            if (p, v) == (pp - 1, vpp - 1):
-                row = row + ["loss"]
-            layout.append(row)
-    return layout
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
@@ -102,7 +61,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        pipeline_model_parallel_layout=_layout(model, parallel) if pp > 1 else None,
+        pipeline_model_parallel_layout=(pipeline_layout(parallel_layer_counts(model, parallel))
+                                        if pp > 1 else None),
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -123,10 +83,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         recompute_num_layers=recompute_num_layers,
         **moe_config_fields(model, parallel, not on_gpu),
     )
-
-
-def padded_vocab_size(model: ModelConfig, tp_size: int) -> int:
-    return pad_vocab(model.vocab_size, tp_size)
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoRAConfig] = None,
@@ -152,7 +108,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, lora: Optional[LoR
         gpt = MindloraGPTModel(
             config=config,
             transformer_layer_spec=block,
-            vocab_size=padded_vocab_size(model, tp_size),
+            vocab_size=pad_vocab(model.vocab_size, tp_size),
             max_sequence_length=model.max_position_embeddings,
             pre_process=pp_rank == 0 and v == 0,
             post_process=pp_rank == pp - 1 and v == vpp - 1,

@@ -29,7 +29,8 @@ from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.megatron_lm import megatron_args
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
-from mindlora.models.builder import chunk_layer_ids, padded_vocab_size
+from mindlora.parallel.layout import (chunk_layer_ids, pad_vocab, parallel_layer_counts,
+                                      stage_totals)
 from mindlora.runtime.files import fsync_dir
 from mindlora.runtime.rng import capture_rng_state, restore_rng_state
 from mindlora.training import durable
@@ -96,13 +97,13 @@ def save_adapter(save_dir: str, state: TrainState, chunks: list[torch.nn.Module]
         meta = fmt.build_meta(
             "adapter", model, parallel.tensor_model_parallel_size, pp, vpp,
             {k: chunk_layer_ids(model, parallel, pp_rank, v) for v, k in enumerate(keys)},
-            padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
+            pad_vocab(model.vocab_size, parallel.tensor_model_parallel_size), params_dtype, lora,
             tp_rank=tp_rank, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank)
         payload = {k: _lora_state(c) for k, c in zip(keys, chunks)}
         payload["args"] = megatron_args(
             "adapter", model, parallel.tensor_model_parallel_size, pp, vpp,
-            parallel.layers_per_stage(model.num_layers),
-            padded_vocab_size(model, parallel.tensor_model_parallel_size), params_dtype, lora,
+            stage_totals(parallel_layer_counts(model, parallel)),
+            pad_vocab(model.vocab_size, parallel.tensor_model_parallel_size), params_dtype, lora,
             state.iteration, ep=ep)  # what Megatron-LM / MindSpeed-LLM tools read
         payload.update({
             "checkpoint_version": fmt.CHECKPOINT_VERSION, "iteration": state.iteration,

@@ -17,12 +17,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
 from mindlora.lora.blocks import keep_block_structure
-from mindlora.models.builder import build_model, padded_vocab_size, parameter_report
-from mindlora.models.builder import transformer_config
+from mindlora.models.builder import build_model, parameter_report, transformer_config
+from mindlora.models.families.base import lora_block_masks
+from mindlora.parallel.layout import layers_per_virtual_stage, pad_vocab
 from mindlora.runtime import current, init_distributed, init_parallel
 from mindlora.runtime.device import to_device
 from mindlora.runtime.dtypes import from_flags
@@ -66,7 +68,7 @@ def _forward_step(data_iterator, model):
 
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     """Model architecture from the base checkpoint; check optional architecture flags against it."""
-    _, meta = fmt.read_meta(run.train.load, hf_config_dir=run.data.tokenizer_name_or_path)
+    _, meta = describe.read_checkpoint_meta(run.train.load, hf_config_dir=run.data.tokenizer_name_or_path)
     model = ModelConfig.from_dict(meta["model_config"])
     arch = dict(run.arch_overrides)
     vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)
@@ -84,7 +86,8 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
         parallel = ParallelConfig(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=pp, sequence_parallel=parallel.sequence_parallel,
-            virtual_pipeline_model_parallel_size=model.num_layers // (pp * vstage),
+            virtual_pipeline_model_parallel_size=layers_per_virtual_stage(model.num_layers, pp,
+                                                                          vstage),
             expert_model_parallel_size=parallel.expert_model_parallel_size)
     parallel.check_model(model)
     if model.is_moe and parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
@@ -108,10 +111,10 @@ def check_arch_flags(arch: dict, model: ModelConfig, tp: int) -> list[str]:
         if key == "padded_vocab_size":
             # Megatron's padded size is the embedding's row count; mindlora pads vocab_size to a
             # multiple of TP (what --make-vocab-size-divisible-by 1 does), so either is consistent.
-            allowed = {model.vocab_size, padded_vocab_size(model, tp)}
+            allowed = {model.vocab_size, pad_vocab(model.vocab_size, tp)}
             if value not in allowed:
                 wrong.append(f"{flag} {value} (checkpoint: vocab_size {model.vocab_size}, "
-                             f"padded for TP={tp} to {padded_vocab_size(model, tp)})")
+                             f"padded for TP={tp} to {pad_vocab(model.vocab_size, tp)})")
         elif isinstance(value, bool):
             if getattr(model, key) != value:
                 wrong.append(f"{flag} (checkpoint: {key}={getattr(model, key)})")
@@ -159,7 +162,7 @@ class Trainer:
             else run.lora
         self.chunks = build_model(self.model_cfg, self.parallel, self.lora, self.dtype, config)
         loading.load_base(t.load, self.chunks, self.model_cfg, self.parallel, hf_config_dir=hf_dir)
-        keep_block_structure(self.chunks, self.lora, self.model_cfg,
+        keep_block_structure(self.chunks, lora_block_masks(self.model_cfg, self.lora),
                              self.parallel.tensor_model_parallel_size,
                              parallel_state.get_tensor_model_parallel_rank())
         self.params = lora_parameters(self.chunks)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from mindlora.models.sharding import split_rule
+from mindlora.parallel.layout import split_rule
 from mindlora.runtime.device import current
 
 

@@ -17,7 +17,7 @@ import torch
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LoRAConfig, ModelConfig
 from mindlora.models.families.base import TARGET_PATHS, target_shape
-from mindlora.models.sharding import shard, split_rule
+from mindlora.parallel.layout import shard, split_rule
 
 SPECS: dict[str, dict[str, Any]] = {
     "llama": dict(family="llama", tie=False, vocab=256),

@@ -20,7 +20,7 @@ import torch
 
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.reshard import MegatronReader
-from mindlora.models.sharding import shard, split_rule
+from mindlora.parallel.layout import shard, split_rule
 
 TE = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
       "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}

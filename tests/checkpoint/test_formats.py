@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.checkpoint.safetensors_io import (SafetensorsFile, StreamingSafetensorsWriter,
@@ -66,7 +67,7 @@ def test_rank_file_atomic_write_and_meta(tmp_path):
     assert os.path.isfile(os.path.join(root, "iter_0000003", "mp_rank_01_001", fmt.RANK_FILE))
     assert not [n for n in os.listdir(os.path.join(root, "iter_0000003", "mp_rank_00_000"))
                 if n != fmt.RANK_FILE]  # no temp file left behind
-    it, got = fmt.read_meta(root)
+    it, got = describe.read_checkpoint_meta(root)
     assert it == 3 and got["params_dtype"] == "bfloat16" and got["pp"] == 2
 
 
@@ -78,13 +79,13 @@ def test_foreign_checkpoints_without_usable_args_are_refused_clearly(tmp_path):
     fmt.write_tracker(root, "release")
     with pytest.raises(ValueError, match=r"Megatron args in .*mp_rank_00/model_optim_rng.pt:\n"
                                          r"  - args.num_layers is missing"):
-        fmt.read_meta(root)
+        describe.read_checkpoint_meta(root)
     root = str(tmp_path / "b")
     fmt.write_rank_file(fmt.rank_file_path(root, "release", 0, 0, 1), {"model": {}})
     fmt.write_tracker(root, "release")
     with pytest.raises(ValueError, match=r"mp_rank_00/model_optim_rng.pt has neither 'mindlora' "
                                          r"metadata nor Megatron 'args'"):
-        fmt.read_meta(root)
+        describe.read_checkpoint_meta(root)
 
 
 def test_truncated_rank_file_names_the_file(tmp_path):

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.loading import load_model_shard
 from mindlora.checkpoint.hf_format import HFSource
@@ -54,7 +55,8 @@ def _forward(case: Case, rank: int) -> Optional[torch.Tensor]:
     """Build, load and run the model; the full unpadded logits on the last stage, else None."""
     from megatron.core import parallel_state as ps
 
-    from mindlora.models.builder import build_model, chunk_layer_ids, padded_vocab_size
+    from mindlora.models.builder import build_model
+    from mindlora.parallel.layout import chunk_layer_ids, pad_vocab
     from mindlora.runtime import init_parallel
 
     parallel = ParallelConfig(tensor_model_parallel_size=case.tp,
@@ -65,7 +67,7 @@ def _forward(case: Case, rank: int) -> Optional[torch.Tensor]:
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     first, last = pp_rank == 0, pp_rank == case.pp - 1
     ids = chunk_layer_ids(case.cfg, parallel, pp_rank, 0)
-    vocab = padded_vocab_size(case.cfg, case.tp)
+    vocab = pad_vocab(case.cfg.vocab_size, case.tp)
     state = load_model_shard(case.base, case.tp, tp_rank, ids, first, last,
                                 case.cfg.tie_word_embeddings, vocab)
     if case.adapter:
@@ -161,7 +163,7 @@ def all_cases(hf_models, tmp_path_factory) -> list[Case]:
     _peft_adapter(src, peft_dir, share_a=True)
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, model_type_hf="llama",
                 load_lora_from_hf=peft_dir, save_dir=imported, target_tensor_parallel_size=2)
-    lora = LoRAConfig.from_dict(fmt.read_meta(imported)[1]["lora_config"])
+    lora = LoRAConfig.from_dict(describe.read_checkpoint_meta(imported)[1]["lora_config"])
     expected = hf_logits(src, IDS, adapter=peft_dir)
     for layout in ("TP2", "PP2"):
         tp, pp = LAYOUTS[layout]

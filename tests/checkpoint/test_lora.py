@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.loading import load_model_shard
 from mindlora.checkpoint.hf_format import HFSource
@@ -85,7 +86,7 @@ def test_peft_import_export_round_trip_is_bit_exact(hf_models, tmp_path):
                 lora_load=adapter, save_lora_to_hf=True, save_dir=peft1)
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, model_type_hf=family,
                 load_lora_from_hf=peft1, save_dir=imported, target_pipeline_parallel_size=4)
-    _, meta = fmt.read_meta(imported)
+    _, meta = describe.read_checkpoint_meta(imported)
     assert meta["kind"] == "adapter" and LoRAConfig.from_dict(meta["lora_config"]) == lora
     run_convert(load_model_type="hf", save_model_type="hf", load_dir=src, model_type_hf=family,
                 lora_load=imported, save_lora_to_hf=True, save_dir=peft2)
@@ -125,7 +126,7 @@ def test_import_of_a_peft_made_adapter(hf_models, tmp_path):
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, model_type_hf="qwen2",
                 load_lora_from_hf=peft_dir, save_dir=imported, target_tensor_parallel_size=2,
                 target_pipeline_parallel_size=2)
-    _, meta = fmt.read_meta(imported)
+    _, meta = describe.read_checkpoint_meta(imported)
     assert meta["lora_config"]["target_modules"] == ["linear_qkv", "linear_fc2"]
     assert meta["lora_config"]["alpha"] == 12.0
     run_convert(load_model_type="hf", save_model_type="hf", load_dir=src, model_type_hf="qwen2",

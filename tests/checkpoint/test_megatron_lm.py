@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.megatron_lm import LegacyLayout
 from mindlora.checkpoint.reshard import MegatronReader
@@ -70,13 +71,13 @@ def test_megatron_lm_checkpoint_errors_name_the_problem(hf_models, tmp_path):
     bad = to_megatron_lm(mg, str(tmp_path / "bad"), lora_args={"num_layer_list": "1,3"})
     with pytest.raises(ValueError, match=r"layers per \(stage, chunk\) \[\[2\], \[2\]\] differ "
                                          r"from what args say \(\[\[1\], \[3\]\]"):
-        fmt.read_meta(bad, hf_config_dir=src)
+        describe.read_checkpoint_meta(bad, hf_config_dir=src)
     wrong = to_megatron_lm(mg, str(tmp_path / "wrong"), lora_args={"hidden_size": 32})
     with pytest.raises(ValueError, match=r"hidden_size: args 32, config.json 64"):
-        fmt.read_meta(wrong, hf_config_dir=src)
+        describe.read_checkpoint_meta(wrong, hf_config_dir=src)
     os.remove(fmt.rank_file_path(lm, 1000, 1, 1, 2))
     with pytest.raises(FileNotFoundError, match=r"mp_rank_01_001/model_optim_rng.pt"):
-        fmt.read_meta(lm, hf_config_dir=src)
+        describe.read_checkpoint_meta(lm, hf_config_dir=src)
 
 
 def test_mindlora_checkpoints_carry_megatron_args(hf_models, tmp_path):
@@ -137,7 +138,7 @@ def test_megatron_lm_interleaved_checkpoint(hf_models, tmp_path):
         os.makedirs(os.path.dirname(path))
         torch.save(payload, path)
     fmt.write_tracker(root, 5)
-    meta = fmt.read_meta(root, hf_config_dir=src)[1]
+    meta = describe.read_checkpoint_meta(root, hf_config_dir=src)[1]
     assert meta["vpp"] == 2 and meta["layer_ids"] == {"model0": [0], "model1": [2]}
     out = str(tmp_path / "hf")
     run_convert(load_model_type="mg", save_model_type="hf", load_dir=root, save_dir=out,

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as mf
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.checkpoint.loading import load_model_shard
@@ -95,7 +96,7 @@ def test_hf_round_trip_is_bit_exact(moe_models, tmp_path, name, tp, pp, ep):
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=mg,
                 model_type_hf=family, target_tensor_parallel_size=tp,
                 target_pipeline_parallel_size=pp, target_expert_parallel_size=ep)
-    meta = mf.read_meta(mg)[1]
+    meta = describe.read_checkpoint_meta(mg)[1]
     assert (meta["tp"], meta["pp"], meta.get("ep", 1)) == (tp, pp, ep)
     if ep > 1:  # each EP rank holds only its own experts, renumbered from 0
         last = mf.rank_file_path(mg, 1, 0, pp - 1, pp, ep - 1, ep)
@@ -128,7 +129,7 @@ def test_megatron_args_carry_the_expert_flags_and_megatron_moe_is_refused(moe_mo
         torch.save(legacy, rank_file)
     with pytest.raises(ValueError, match=r"args.num_experts=8: Megatron-LM / MindSpeed-LLM "
                                          r"mixture-of-experts checkpoints are not read yet"):
-        mf.read_meta(mg, hf_config_dir=moe_models["qwen3_moe"])
+        describe.read_checkpoint_meta(mg, hf_config_dir=moe_models["qwen3_moe"])
 
 
 def test_bad_expert_layouts_are_refused(moe_models, tmp_path):
@@ -165,7 +166,8 @@ class Case:
 def _forward(case: Case) -> torch.Tensor | None:
     from megatron.core import parallel_state as ps
 
-    from mindlora.models.builder import build_model, chunk_layer_ids, padded_vocab_size
+    from mindlora.models.builder import build_model
+    from mindlora.parallel.layout import chunk_layer_ids, pad_vocab
     from mindlora.runtime import init_parallel
 
     parallel = ParallelConfig(tensor_model_parallel_size=case.tp,
@@ -176,7 +178,7 @@ def _forward(case: Case) -> torch.Tensor | None:
     model.eval()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     first, last = pp_rank == 0, pp_rank == case.pp - 1
-    vocab = padded_vocab_size(case.cfg, case.tp)
+    vocab = pad_vocab(case.cfg.vocab_size, case.tp)
     state = load_model_shard(case.base, case.tp, tp_rank,
                                 chunk_layer_ids(case.cfg, parallel, pp_rank, 0), first, last,
                                 False, vocab, ep_size=case.ep,

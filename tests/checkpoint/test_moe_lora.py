@@ -48,7 +48,8 @@ def write_moe_adapter(root: str, cfg: ModelConfig, lora: LoRAConfig, tp: int, ep
 def _body(rank, world, cfg, base, adapter, expected, layouts):
     from megatron.core import parallel_state as ps
 
-    from mindlora.models.builder import build_model, padded_vocab_size
+    from mindlora.models.builder import build_model
+from mindlora.parallel.layout import pad_vocab
     from mindlora.runtime import init_parallel
 
     for tp, ep, sp in layouts:
@@ -58,7 +59,7 @@ def _body(rank, world, cfg, base, adapter, expected, layouts):
         (model,) = build_model(cfg, parallel, LORA)
         model.eval()
         args = (tp, ps.get_tensor_model_parallel_rank(), list(range(cfg.num_layers)), True, True,
-                False, padded_vocab_size(cfg, tp))
+                False, pad_vocab(cfg.vocab_size, tp))
         kw = dict(ep_size=ep, ep_rank=ps.get_expert_model_parallel_rank())
         state = load_model_shard(base, *args, **kw)
         state.update(load_model_shard(adapter, *args, **kw))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.config import LoRAConfig
@@ -68,7 +69,7 @@ def test_imported_peft_adapters_give_peft_logits_at_tp2pp2(setup):
     cfg = HFSource(src, "qwen2").model_config
     cases = []
     for name in adapters:
-        lora = LoRAConfig.from_dict(fmt.read_meta(imported[name])[1]["lora_config"])
+        lora = LoRAConfig.from_dict(describe.read_checkpoint_meta(imported[name])[1]["lora_config"])
         expected = hf_logits(src, IDS, adapter=adapters[name])
         assert (expected - hf_logits(src, IDS)).abs().max() > 1e-2
         cases.append(Case(f"PEFT {name} -> mindlora TP2xPP2", cfg, base, 2, 2, expected, lora,
@@ -78,10 +79,10 @@ def test_imported_peft_adapters_give_peft_logits_at_tp2pp2(setup):
 
 def test_stacked_structure_and_bit_exact_export(setup, tmp_path):
     src, base, adapters, imported = setup
-    plain = fmt.read_meta(imported["plain"])[1]["lora_config"]
+    plain = describe.read_checkpoint_meta(imported["plain"])[1]["lora_config"]
     assert plain["ranks"] == {"linear_qkv": [4, 4, 4], "linear_fc1": [4, 4]}  # o, down: plain
     assert plain["scalings"] == {} and (plain["r"], plain["alpha"]) == (4, 8.0)
-    patterns = LoRAConfig.from_dict(fmt.read_meta(imported["patterns"])[1]["lora_config"])
+    patterns = LoRAConfig.from_dict(describe.read_checkpoint_meta(imported["patterns"])[1]["lora_config"])
     assert patterns.ranks["linear_qkv"] == [4, 2, 4] and patterns.ranks["linear_proj"] == [6]
     assert patterns.use_rslora and patterns.scalings["linear_proj"] == 8 / 6 ** 0.5
     for name in adapters:

@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
+from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.loading import load_model_shard
-from mindlora.models.sharding import pad_vocab
+from mindlora.parallel.layout import pad_vocab
 from tests.checkpoint.conftest import (SPECS, assert_same_tensors, hf_logits, load_hf_tensors,
                                        run_convert)
 
@@ -95,7 +96,7 @@ def test_params_dtype_and_transformers_load(hf_models, tmp_path):
     mg, hf = str(tmp_path / "mg"), str(tmp_path / "hf")
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=mg,
                 model_type_hf="llama", params_dtype="bf16", target_tensor_parallel_size=2)
-    assert fmt.read_meta(mg)[1]["params_dtype"] == "bfloat16"
+    assert describe.read_checkpoint_meta(mg)[1]["params_dtype"] == "bfloat16"
     run_convert(load_model_type="mg", save_model_type="hf", load_dir=mg, save_dir=hf)
     tensors = load_hf_tensors(hf)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from mindlora.models.sharding import Split, gather, shard, split_rule
+from mindlora.parallel.layout import Split, gather, shard, split_rule
 
 RTOL = 1e-5
 ATOL_SCALE = 1e-6

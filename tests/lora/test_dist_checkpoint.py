@@ -53,7 +53,7 @@ def _save_tp2(root: str, inherited: bool) -> dict[str, torch.Tensor]:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from mindlora.lora.layers import LORA_LAYER_TYPES
-    from mindlora.models.sharding import split_rule
+    from mindlora.parallel.layout import split_rule
     from tests.lora.checks import gather_tp
 
     model = _build(2)
@@ -87,7 +87,7 @@ def _check_axes(sharded: dict) -> None:
     """The fragmentation megatron-core sees is the sharding table's (the layer axis comes first)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from mindlora.models.sharding import split_rule
+    from mindlora.parallel.layout import split_rule
 
     for key, sh in sharded.items():
         rule = split_rule(key)

@@ -28,7 +28,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from mindlora.config import COLUMN_TARGETS, LoRAConfig, ParallelConfig
 from mindlora.lora import fused
-from mindlora.models.sharding import REPLICATED, Split, shard, split_rule
+from mindlora.parallel.layout import REPLICATED, Split, shard, split_rule
 from mindlora.runtime import init_parallel
 from tests.distributed.harness import spawn
 from tests.lora import test_model

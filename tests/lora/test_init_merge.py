@@ -18,9 +18,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.lora.layers import LORA_LAYER_TYPES
-from mindlora.models.builder import (build_model, chunk_layer_ids, parameter_report,
-                                     transformer_config)
-from mindlora.models.sharding import shard, split_rule
+from mindlora.models.builder import build_model, parameter_report, transformer_config
+from mindlora.parallel.layout import chunk_layer_ids, shard, split_rule
 from mindlora.runtime import init_parallel
 from tests.distributed.harness import spawn
 from tests.lora import reference

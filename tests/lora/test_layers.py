@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from mindlora.config import COLUMN_TARGETS, LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.lora.layers import LoRAColumnParallelLinear, LoRARowParallelLinear
 from mindlora.models.builder import transformer_config
-from mindlora.models.sharding import REPLICATED, Split, shard, split_rule
+from mindlora.parallel.layout import REPLICATED, Split, shard, split_rule
 from mindlora.runtime import init_parallel
 from tests.distributed.harness import spawn
 from tests.lora.checks import SEQ, assert_matches, compare_all, gather_tp

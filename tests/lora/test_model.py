@@ -16,8 +16,9 @@ import torch
 from megatron.core import parallel_state
 
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
-from mindlora.models.builder import build_model, padded_vocab_size
-from mindlora.models.sharding import REPLICATED, Split, shard, split_rule
+from mindlora.models.builder import build_model
+from mindlora.parallel.layout import pad_vocab
+from mindlora.parallel.layout import REPLICATED, Split, shard, split_rule
 from mindlora.runtime import init_parallel
 from tests.distributed.harness import spawn
 from tests.lora import reference
@@ -68,7 +69,7 @@ def model_parity(name: str, tp: int, rank: int, sp: bool, seed: int = 0, perturb
     group = parallel_state.get_tensor_model_parallel_group()
     pc = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp)
     model = build_model(mc, pc, lc)[0]
-    vocab = padded_vocab_size(mc, tp)
+    vocab = pad_vocab(mc.vocab_size, tp)
     full = reference.make_state_dict(mc, lc, vocab, seed)
     load_sharded(model, full, tp, rank)
     if perturb and rank == tp - 1:

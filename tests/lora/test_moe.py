@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
-from mindlora.models.builder import build_model, padded_vocab_size
-from mindlora.models.sharding import (REPLICATED, Split, expert_global_key, expert_owner, shard,
+from mindlora.models.builder import build_model
+from mindlora.parallel.layout import pad_vocab
+from mindlora.parallel.layout import (REPLICATED, Split, expert_global_key, expert_owner, shard,
                                       split_rule)
 from mindlora.runtime import init_parallel
 from tests.distributed.harness import spawn
@@ -138,7 +139,7 @@ def model_parity(name: str, tp: int, ep: int, sp: bool, seed: int, perturb: bool
     tp_rank, ep_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
     group, etp_group = ps.get_tensor_model_parallel_group(), ps.get_expert_tensor_parallel_group()
     model = build_model(mc, pc, lc)[0]
-    vocab = padded_vocab_size(mc, tp)
+    vocab = pad_vocab(mc.vocab_size, tp)
     full = make_state_dict(mc, lc, vocab, seed)
     missing, unexpected = model.load_state_dict(_local_state(full, tp, tp_rank, ep, ep_rank),
                                                 strict=False)

@@ -11,6 +11,8 @@ from tests.distributed.harness import spawn
 from tests.reliability.helpers import flags, full_disk_on, one_error_line, run_main, train
 from tests.training.fixtures import tiny_model, write_base_checkpoint, write_instruction_data
 
+from mindlora.checkpoint import describe
+
 REGEX = ".*linear_qkv|.*linear_fc2"
 TARGETS = ("--lora-target-modules", REGEX)
 
@@ -52,7 +54,7 @@ def test_regex_targets_are_printed_stored_and_read_by_conversion(inputs):
 
     fmt = inputs["fmt"]
     assert "> LoRA target modules: linear_qkv linear_fc2" in inputs["stdout"]
-    _, meta = fmt.read_meta(inputs["adapter"])
+    _, meta = describe.read_checkpoint_meta(inputs["adapter"])
     assert meta["lora_config"]["target_modules"] == ["linear_qkv", "linear_fc2"]
     reader = MegatronReader(inputs["adapter"])
     assert reader.lora_config.target_modules == ("linear_qkv", "linear_fc2")

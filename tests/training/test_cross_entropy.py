@@ -8,7 +8,7 @@ def reference_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
     """Plain per-token cross-entropy over full logits (the yardstick)."""
     return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none",
                                              ignore_index=-100)
-from mindlora.models.sharding import pad_vocab
+from mindlora.parallel.layout import pad_vocab
 from tests.distributed.harness import spawn
 
 

@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from mindlora.checkpoint import describe
 from tests.checkpoint.conftest import run_convert
 from tests.distributed.harness import spawn
 from tests.training.fixtures import preprocess_alpaca
@@ -139,7 +140,7 @@ def _resume_body(rank, world, base, data, root):
     full = _run(base, data, ep)[0]
     stopped = _run(base, data, [*ep, "--save", f"{root}/ckpt", "--save-interval", "5",
                                 "--exit-interval", "5"])[0]
-    assert len(stopped) == 5 and fmt.read_meta(f"{root}/ckpt")[1]["ep"] == 2
+    assert len(stopped) == 5 and describe.read_checkpoint_meta(f"{root}/ckpt")[1]["ep"] == 2
     # one file per EP rank, each with its own experts (renumbered from 0)
     for e in range(2):
         payload = fmt.load_rank_file(fmt.rank_file_path(f"{root}/ckpt", 5, 0, 0, 1, e, 2))

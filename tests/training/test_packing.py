@@ -24,7 +24,7 @@ import torch
 
 from mindlora.data.dataset import InstructionDataset
 from mindlora.models.attention import packed_attention_mask
-from mindlora.models.sharding import split_rule
+from mindlora.parallel.layout import split_rule
 from mindlora.training.batches import pad_to_common_length, segment_positions, to_model_batch
 from tests.distributed.harness import spawn
 from tests.lora.checks import RTOL, assert_matches

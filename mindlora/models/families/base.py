@@ -5,7 +5,7 @@ A family is data: which HF tensors make which megatron-core tensor (:class:`Tens
 functions of full (TP=1) tensors, so they run unchanged on real tensors, on ``meta`` tensors (to
 plan output files before any byte is read) and on LoRA B factors (whose rows follow the base
 weight's rows).
-Resharding lives elsewhere (mindlora.models.sharding); nothing here knows about TP or PP.
+Resharding lives elsewhere (mindlora.parallel.layout); nothing here knows about TP or PP.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mindlora.config import TARGET_PATHS, ModelConfig  # noqa: F401 (TARGET_PATHS re-exported)
+from mindlora.config import TARGET_PATHS  # noqa: F401 (re-exported)
+from mindlora.config import LoRAConfig, ModelConfig
 
 HF_LAYER_PREFIX = "model.layers.{}."
 MCORE_LAYER_PREFIX = "decoder.layers.{}."
@@ -277,3 +278,9 @@ def lora_block_mask(cfg: ModelConfig, target: str, ranks: Sequence[int]) -> torc
     # host-tensor: built once at set-up; lora.blocks shards it and moves it to the weight's device
     return stack_lora_b(cfg, target, [torch.ones(w, r) for w, r in
                                       zip(module_widths(cfg, target), ranks)])
+
+
+def lora_block_masks(cfg: ModelConfig, lora: LoRAConfig) -> dict[str, torch.Tensor]:
+    """:func:`lora_block_mask` of every rank-stacked target with blocks to keep (more than one
+    module), for mindlora.lora.blocks.keep_block_structure."""
+    return {t: lora_block_mask(cfg, t, r) for t, r in lora.ranks.items() if len(r) > 1}

@@ -4,7 +4,7 @@ megatron-core's MoE layer holds ``mlp.router.weight`` and, for every expert ``e`
 ``mlp.experts.local_experts.{e}.linear_fc1.weight`` (fused ``[gate; up]``) and ``...linear_fc2``.
 Full (converted) layers number experts globally; a checkpoint rank of expert-parallel rank ``r``
 holds experts ``r * E/EP ...`` renumbered from 0, as megatron-core's SequentialMLP names them
-(the renumbering lives in mindlora.models.sharding).
+(the renumbering lives in mindlora.parallel.layout).
 """
 from __future__ import annotations
 

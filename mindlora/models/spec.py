@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from mindlora.config import LoRAConfig
 from mindlora.lora.layers import LoRAColumnParallelLinear, LoRARowParallelLinear
 from mindlora.models.attention import SDPAttention
+from mindlora.models.moe import moe_mlp_spec
 from mindlora.models.norm import QKRMSNorm, RMSNorm
 
 
@@ -50,8 +51,6 @@ def gpt_layer_spec(qk_layernorm: bool, lora: Optional[LoRAConfig] = None,
         linear_fc2=_linear("linear_fc2", True, lora),
     ))
     if moe:
-        from mindlora.models.moe import moe_mlp_spec
-
         mlp = moe_mlp_spec(lora)
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=RMSNorm,

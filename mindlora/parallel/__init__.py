@@ -1,0 +1,1 @@
+"""Which rank holds which slice: the one owner of the parallel layout (see :mod:`.layout`)."""
