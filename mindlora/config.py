@@ -171,8 +171,11 @@ class LoRAConfig:
     """Rank-stabilised scaling ``alpha / sqrt(r)`` (``--lora-use-rslora``)."""
     init_a: str = "kaiming"
     """Init of A: ``kaiming`` (uniform, as HF PEFT) or ``gaussian`` (N(0, 1/r))."""
-    fusion: bool = False
-    """CCLoRA: fold LoRA communication into the base layer's collectives (``--lora-fusion``)."""
+    fold_collectives: bool = False
+    """CCLoRA (``--lora-fusion``): under TP > 1, fold LoRA's collectives into the base layer's
+    own (mindlora.lora.fused). Decides nothing at TP = 1, where there is no collective and a
+    frozen, unmerged layer always takes the single fused function; routed experts ignore it
+    (the token dispatcher owns their communication)."""
     seed: int = 1234
     """Seed of the generator that draws the full (unsharded) A matrices."""
     ranks: dict[str, list[int]] = field(default_factory=dict)
@@ -231,6 +234,8 @@ class LoRAConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
         d = dict(d)
+        if "fusion" in d:  # adapter metadata written before the field was renamed
+            d["fold_collectives"] = d.pop("fusion")
         d["target_modules"] = tuple(d.get("target_modules", LORA_TARGETS))
         return cls(**d)
 

@@ -14,8 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mindlora.checkpoint.convert import DTYPES, ConvertOptions, convert  # noqa: E402
+from mindlora.checkpoint.convert import ConvertOptions, convert  # noqa: E402
 from mindlora.models.families import family_names  # noqa: E402
+from mindlora.runtime.dtypes import SHORT_NAMES  # noqa: E402
 
 
 def _layer_list(text: str) -> list[int]:
@@ -51,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                    help="write --lora-load as an HF PEFT adapter into --save-dir")
     p.add_argument("--load-lora-from-hf", metavar="DIR",
                    help="import an HF PEFT adapter as a mindlora adapter checkpoint")
-    p.add_argument("--params-dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--params-dtype", choices=list(SHORT_NAMES), default=None,
                    help="cast floating tensors (default: keep the source dtype)")
     p.add_argument("--hf-cfg-dir", metavar="DIR",
                    help="HF model folder whose config.json completes a Megatron-LM / MindSpeed-LLM "

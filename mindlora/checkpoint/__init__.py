@@ -13,4 +13,5 @@ from mindlora.checkpoint.megatron_format import (CHECKPOINT_VERSION, RANK_FILE, 
 
 __all__ = ["CHECKPOINT_VERSION", "RANK_FILE", "TRACKER", "build_meta", "chunk_keys",
            "iteration_dir_name", "load_rank_file", "rank_dir_name",
-           "rank_file_path", "read_checkpoint_meta", "read_tracker", "write_rank_file", "write_tracker"]
+           "rank_file_path", "read_checkpoint_meta", "read_tracker", "write_rank_file",
+           "write_tracker"]

@@ -25,10 +25,11 @@ from mindlora.checkpoint.peft_format import PEFTSource, PEFTWriter
 from mindlora.checkpoint.reshard import HF_ASSETS, MegatronReader, MegatronWriter
 from mindlora.checkpoint.safetensors_io import parse_size
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig, fail_if
+from mindlora.lora.merge import merged_weight
 from mindlora.models.families import get_family
 from mindlora.models.families.base import target_module_paths, target_shape
+from mindlora.runtime.dtypes import SHORT_NAMES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "kv_channels", "num_moe_experts", "moe_ffn_hidden_size")
 
@@ -75,8 +76,9 @@ class ConvertOptions:
                           f"{list(KEY_STYLES)}")
         if self.hf_cfg_dir and not os.path.isfile(os.path.join(self.hf_cfg_dir, "config.json")):
             errors.append(f"--hf-cfg-dir {self.hf_cfg_dir} has no config.json")
-        if self.params_dtype is not None and self.params_dtype not in DTYPES:
-            errors.append(f"--params-dtype ({self.params_dtype}) must be one of {list(DTYPES)}")
+        if self.params_dtype is not None and self.params_dtype not in SHORT_NAMES:
+            errors.append(f"--params-dtype ({self.params_dtype}) must be one of "
+                          f"{list(SHORT_NAMES)}")
         if not self.load_dir and not (self.save_lora_to_hf and self.lora_load):
             errors.append("--load-dir is required")
         if self.load_model_type == "hf" and self.load_dir and not self.model_type_hf:
@@ -138,8 +140,7 @@ def merge_lora(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor],
         if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
             raise ValueError(f"{where}: {target} A {tuple(a.shape)} / B {tuple(b.shape)} do not "
                              f"fit the base weight {tuple(w.shape)}")
-        delta = (b.to(torch.float32) @ a.to(torch.float32)) * lora_config.scaling_of(target)
-        out[f"{path}.weight"] = (w.to(torch.float32) + delta).to(dtype or w.dtype)
+        out[f"{path}.weight"] = merged_weight(w, a, b, lora_config.scaling_of(target), dtype)
     return out
 
 
@@ -278,7 +279,7 @@ def base_model_name(opts: ConvertOptions, base: Any) -> Optional[str]:
 def convert(opts: ConvertOptions) -> str:
     """Run one conversion; return the save directory. See the module docstring for the flow."""
     opts.validate()
-    dtype = DTYPES.get(opts.params_dtype) if opts.params_dtype else None
+    dtype = SHORT_NAMES[opts.params_dtype] if opts.params_dtype else None
     base = open_base(opts) if opts.load_dir else None
     base_cfg = base.model_config if base is not None else None
     merge, source = None, base

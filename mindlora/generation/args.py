@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--load", required=True, help="base checkpoint directory")
     g.add_argument("--lora-load", default=None, help="adapter checkpoint directory")
-    g.add_argument("--lora-fusion", action="store_true", help="CCLoRA communication fusion")
+    g.add_argument("--lora-fusion", action="store_true",
+                   help="CCLoRA: under tensor parallelism, fold LoRA's communication into the "
+                        "base layer's collectives (TP=1 always uses the fused kernel)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g = p.add_argument_group("parallelism (as in training)")

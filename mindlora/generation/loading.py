@@ -16,7 +16,6 @@ import torch
 
 from mindlora.checkpoint import describe
 from mindlora.checkpoint import loading
-from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
 from mindlora.models.builder import build_model, transformer_config
 from mindlora.runtime import init_parallel
@@ -47,7 +46,7 @@ def read_model_config(load: str, hf_config_dir: Optional[str] = None) -> ModelCo
     return ModelConfig.from_dict(meta["model_config"])
 
 
-def read_lora_config(lora_load: str, fusion: bool, hf_config_dir: Optional[str] = None
+def read_lora_config(lora_load: str, fold_collectives: bool, hf_config_dir: Optional[str] = None
                      ) -> LoRAConfig:
     """The LoRA hyper-parameters stored in the adapter checkpoint ``--lora-load``."""
     if not os.path.isdir(lora_load):
@@ -57,7 +56,7 @@ def read_lora_config(lora_load: str, fusion: bool, hf_config_dir: Optional[str] 
         raise ValueError(f"--lora-load {lora_load} holds a {meta['kind']} checkpoint, not an "
                          f"adapter (pass base weights with --load)")
     lora = LoRAConfig.from_dict(meta["lora_config"])
-    return dataclasses.replace(lora, fusion=fusion, dropout=0.0)
+    return dataclasses.replace(lora, fold_collectives=fold_collectives, dropout=0.0)
 
 
 def load_for_generation(load: str, lora_load: Optional[str], parallel: ParallelConfig,

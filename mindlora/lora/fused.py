@@ -129,15 +129,21 @@ def _setup(ctx, x, xd, a, b, s, group=None):
     return a.to(x.dtype), b.to(x.dtype)
 
 
+def _forward_full_input(ctx, x, xd, weight, a, b, s, group=None):
+    """Forward where every rank holds the whole input (TP=1, or a column base without SP):
+    ``x W^T + s z B^T`` with ``z = xd A^T`` computed locally; saves what backward needs."""
+    a_, b_ = _setup(ctx, x, xd, a, b, s, group)
+    z = xd @ a_.t()
+    ctx.save_for_backward(xd, z, weight, a_, b_)
+    return _linear_lora(x, weight, z, b_, s)
+
+
 class _LocalLoRA(torch.autograd.Function):
     """TP=1: base and LoRA in one function, no collective."""
 
     @staticmethod
     def forward(ctx, x, xd, weight, a, b, s):
-        a_, b_ = _setup(ctx, x, xd, a, b, s)
-        z = xd @ a_.t()
-        ctx.save_for_backward(xd, z, weight, a_, b_)
-        return _linear_lora(x, weight, z, b_, s)
+        return _forward_full_input(ctx, x, xd, weight, a, b, s)
 
     @staticmethod
     def backward(ctx, g):
@@ -152,10 +158,7 @@ class _ColumnLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xd, weight, a, b, s, group):
-        a_, b_ = _setup(ctx, x, xd, a, b, s, group)
-        z = xd @ a_.t()
-        ctx.save_for_backward(xd, z, weight, a_, b_)
-        return _linear_lora(x, weight, z, b_, s)
+        return _forward_full_input(ctx, x, xd, weight, a, b, s, group)
 
     @staticmethod
     def backward(ctx, g):

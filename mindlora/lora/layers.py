@@ -42,6 +42,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from mindlora.config import LoRAConfig
 from mindlora.lora import fused
+from mindlora.lora.merge import merged_weight
 from mindlora.parallel.layout import lora_factor_splits, shard, split_rule
 
 
@@ -74,19 +75,16 @@ class LoRAMixin:
         return self.lora_dropout(x)
 
     def _use_fused_path(self, weight: Optional[torch.Tensor] = None) -> bool:
-        """Use the fused path (lora/fused.py): not merged, base frozen, and either --lora-fusion
-        (CCLoRA) or TP=1, where there is no collective to fold and the fused kernel (in-place
-        accumulation, fast factor gradients) is simply the faster way to compute the same sum."""
+        """Use the fused path (lora/fused.py): not merged, base frozen, and either TP=1, where
+        there is no collective to fold and the fused kernel (in-place accumulation, fast factor
+        gradients) is simply the faster way to compute the same sum, or ``fold_collectives``
+        (``--lora-fusion``, CCLoRA) under TP > 1."""
         weight = self.weight if weight is None else weight
         tp1 = self.tp_group is None or self.tp_group.size() == 1
         if getattr(self, "explicit_expert_comm", False) and not tp1:
             return False  # routed experts: the dispatcher owns communication (_expert_forward)
-        fuse = self.lora_config.fusion or tp1
+        fuse = self.lora_config.fold_collectives or tp1
         return fuse and not self.merged and not weight.requires_grad
-
-    def _delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` for this rank's shard, in float32."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None) -> dict:
@@ -118,17 +116,21 @@ class LoRAMixin:
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``s * B @ A`` into this rank's base shard (computed in float32)."""
+        """Fold ``s * B @ A`` into this rank's base shard (mindlora.lora.merge, in float32)."""
         if not self.merged:
-            self.weight.copy_((self.weight.float() + self._delta_weight()).to(self.weight.dtype))
+            self._fold(+1)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge` (exact up to the base dtype's rounding)."""
         if self.merged:
-            self.weight.copy_((self.weight.float() - self._delta_weight()).to(self.weight.dtype))
+            self._fold(-1)
             self.merged = False
+
+    def _fold(self, sign: int) -> None:
+        self.weight.copy_(merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight,
+                                        self.scaling, sign=sign))
 
 
 def _down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

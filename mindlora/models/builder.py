@@ -25,6 +25,13 @@ from mindlora.parallel.layout import (chunk_layer_ids, expert_index, pad_vocab,
 from mindlora.runtime.device import current
 
 
+_CUDA_ONLY_FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion")
+"""megatron-core's jit-scripted bias/activation and bias/dropout fusions: on with CUDA only."""
+_UNUSED_FUSIONS = ("masked_softmax_fusion", "apply_rope_fusion", "gradient_accumulation_fusion",
+                   "persist_layer_norm")
+"""Fusions needing kernels (apex, TE, CUDA extensions) mindlora does not use on any device."""
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        params_dtype: torch.dtype = torch.float32,
                        recompute_granularity: Optional[str] = None,
@@ -40,7 +47,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
     parallel.check_model(model)
     device = current()
     on_gpu = not device.is_cpu
-    cuda = device.kind == "cuda"  # megatron's jit-scripted bias/activation fusions: CUDA only
+    cuda = device.kind == "cuda"
     pp = parallel.pipeline_model_parallel_size
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -70,12 +77,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,
-        bias_activation_fusion=cuda,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        bias_dropout_fusion=cuda,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **dict.fromkeys(_CUDA_ONLY_FUSIONS, cuda),
+        **dict.fromkeys(_UNUSED_FUSIONS, False),
         batch_p2p_comm=on_gpu,
         calculate_per_token_loss=True,
         recompute_granularity=recompute_granularity,

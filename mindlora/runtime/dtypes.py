@@ -1,8 +1,8 @@
 """The one table of dtype names: torch dtype <-> the names mindlora's files and flags use.
 
 ``name`` is what checkpoint metadata stores (torch's own name, ``"bfloat16"``); ``code`` is the
-safetensors header code (``"BF16"``). ``from_flags`` turns Megatron's ``--bf16`` / ``--fp16``
-into the parameter dtype.
+safetensors header code (``"BF16"``); :data:`SHORT_NAMES` are the flags' ``bf16`` / ``fp16`` /
+``fp32``. ``from_flags`` turns Megatron's ``--bf16`` / ``--fp16`` into the parameter dtype.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ TABLE = (
     (torch.bool, "bool", "BOOL"),
 )
 PARAMS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a model may be held in
+SHORT_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""The parameter dtypes by the short names flags use (convert_ckpt.py's ``--params-dtype``)."""
 
 _BY_NAME = {name: dtype for dtype, name, _ in TABLE}
 _NAME = {dtype: name for dtype, name, _ in TABLE}

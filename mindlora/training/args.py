@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"paths such as '.*linear_qkv|.*linear_fc2'")
     g.add_argument("--lora-use-rslora", action="store_true")
     g.add_argument("--lora-init-a", choices=["kaiming", "gaussian"], default=None)
-    g.add_argument("--lora-fusion", action="store_true", help="CCLoRA communication fusion")
+    g.add_argument("--lora-fusion", action="store_true",
+                   help="CCLoRA: under tensor parallelism, fold LoRA's communication into the "
+                        "base layer's collectives (TP=1 always uses the fused kernel)")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None)
     g.add_argument("--split", default=None)
@@ -307,7 +309,8 @@ def _to_configs(ns: argparse.Namespace) -> RunConfig:
     lora = _pick(ns, LoRAConfig, {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                   "target_modules": "lora_target_modules",
                                   "init_a": "lora_init_a"})
-    lora.use_rslora, lora.fusion, lora.seed = ns.lora_use_rslora, ns.lora_fusion, train.seed
+    lora.use_rslora, lora.fold_collectives = ns.lora_use_rslora, ns.lora_fusion
+    lora.seed = train.seed
     parallel = ParallelConfig(
         tensor_model_parallel_size=ns.tensor_model_parallel_size,
         pipeline_model_parallel_size=ns.pipeline_model_parallel_size,

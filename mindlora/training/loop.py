@@ -19,7 +19,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mindlora.checkpoint import describe
 from mindlora.checkpoint import loading
-from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import ModelConfig, ParallelConfig
 from mindlora.lora.blocks import keep_block_structure
 from mindlora.models.builder import build_model, parameter_report, transformer_config
@@ -68,7 +67,8 @@ def _forward_step(data_iterator, model):
 
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
     """Model architecture from the base checkpoint; check optional architecture flags against it."""
-    _, meta = describe.read_checkpoint_meta(run.train.load, hf_config_dir=run.data.tokenizer_name_or_path)
+    _, meta = describe.read_checkpoint_meta(run.train.load,
+                                            hf_config_dir=run.data.tokenizer_name_or_path)
     model = ModelConfig.from_dict(meta["model_config"])
     arch = dict(run.arch_overrides)
     vstage = arch.pop("num_layers_per_virtual_pipeline_stage", None)

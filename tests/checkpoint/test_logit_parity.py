@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from mindlora.checkpoint import describe
-from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.loading import load_model_shard
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig

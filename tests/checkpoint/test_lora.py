@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mindlora.checkpoint import describe
-from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.loading import load_model_shard
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.config import LoRAConfig

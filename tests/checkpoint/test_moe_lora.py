@@ -49,7 +49,7 @@ def _body(rank, world, cfg, base, adapter, expected, layouts):
     from megatron.core import parallel_state as ps
 
     from mindlora.models.builder import build_model
-from mindlora.parallel.layout import pad_vocab
+    from mindlora.parallel.layout import pad_vocab
     from mindlora.runtime import init_parallel
 
     for tp, ep, sp in layouts:

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mindlora.checkpoint import describe
-from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.config import LoRAConfig
 from tests.checkpoint.conftest import assert_same_tensors, hf_logits, run_convert
@@ -82,7 +81,8 @@ def test_stacked_structure_and_bit_exact_export(setup, tmp_path):
     plain = describe.read_checkpoint_meta(imported["plain"])[1]["lora_config"]
     assert plain["ranks"] == {"linear_qkv": [4, 4, 4], "linear_fc1": [4, 4]}  # o, down: plain
     assert plain["scalings"] == {} and (plain["r"], plain["alpha"]) == (4, 8.0)
-    patterns = LoRAConfig.from_dict(describe.read_checkpoint_meta(imported["patterns"])[1]["lora_config"])
+    patterns = LoRAConfig.from_dict(
+        describe.read_checkpoint_meta(imported["patterns"])[1]["lora_config"])
     assert patterns.ranks["linear_qkv"] == [4, 2, 4] and patterns.ranks["linear_proj"] == [6]
     assert patterns.use_rslora and patterns.scalings["linear_proj"] == 8 / 6 ** 0.5
     for name in adapters:

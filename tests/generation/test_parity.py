@@ -76,7 +76,7 @@ def _checks(rank, world, tp, pp, assets, ref_base, ref_lora):
     assert _tokens(_generator(lora.chunks), PROMPTS, greedy) == ref_lora, "adapter vs HF+PEFT"
     if tp > 1:  # CCLoRA: LoRA communication folded into the base layers' collectives
         fused = load_for_generation(assets.mg, assets.adapter, parallel, lora_fusion=True)
-        assert fused.lora.fusion
+        assert fused.lora.fold_collectives
         assert _tokens(_generator(fused.chunks), PROMPTS, greedy) == ref_lora, "--lora-fusion"
 
 

@@ -37,7 +37,7 @@ from tests.lora.test_collectives import EXTRA, _plain, counting
 from tests.lora.test_layers import RANK, SHAPES, _full_tensors, build_layer, layer_parity
 
 PLAIN = LoRAConfig(r=RANK, alpha=8.0)
-FUSED = replace(PLAIN, fusion=True)
+FUSED = replace(PLAIN, fold_collectives=True)
 # (target kind, sequence parallel) -> (extra forward, extra backward) collectives of a FUSED LoRA
 # layer over megatron-core's plain layer. Unfused (test_collectives.EXTRA): column +1 / +3
 # (no SP / SP), row +1. The only one left is A's [r, in] gradient all-reduce under SP.
@@ -108,7 +108,7 @@ def _dropout_parity(target: str, tp: int, rank: int, sp: bool) -> None:
     tracker = get_cuda_rng_tracker()
     rng, states = torch.get_rng_state(), tracker.get_states()
     results = []
-    for cfg in (lora, replace(lora, fusion=True)):
+    for cfg in (lora, replace(lora, fold_collectives=True)):
         layer = build_layer(target, tp, sp, cfg)
         with torch.no_grad():
             for key in ("weight", "bias", "lora_A.weight", "lora_B.weight"):
@@ -205,7 +205,7 @@ def _collectives(rank: int, world: int) -> None:
 def _model(rank: int, world: int) -> None:
     tp = world
     init_parallel(ParallelConfig(tensor_model_parallel_size=tp))
-    with_fusion = {f"{name} +fusion": (mc, replace(lc, fusion=True))
+    with_fusion = {f"{name} +fusion": (mc, replace(lc, fold_collectives=True))
                    for name, (mc, lc) in test_model.VARIANTS.items()}
     name = "all-linear, GQA, qk-norm, qkv-bias"
     with mock.patch.dict(test_model.VARIANTS, with_fusion):

@@ -5,10 +5,11 @@ alike, because a lazy import hides a cycle without removing it. Two rules:
 
 1. Layers (``RANK``): a package may import a package on a lower layer, never one on its own layer
    or above. config, then runtime and parallel (the layout leaf) at the bottom; lora, models
-   above; checkpoint, data beside each other; generation, then training on top (training samples answers with the generation engine
-   during a run; generation loads weights through ``checkpoint.loading``, never through
-   training); the entry modules (``mindlora.train``/``generate``) and tools/ thin, over
-   everything. Nothing in mindlora imports tools/.
+   above; checkpoint, data beside each other; generation, then training on top (training
+   samples answers with the generation engine during a run; generation loads weights through
+   ``checkpoint.loading``, never through training); the entry modules
+   (``mindlora.train``/``generate``) and tools/ thin, over everything. Nothing in mindlora
+   imports tools/.
 2. No cycle between modules.
 
 What still breaks a rule would be listed in ``KNOWN_UPWARD`` / ``KNOWN_CYCLES`` with the reason
