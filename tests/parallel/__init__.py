@@ -1,0 +1,1 @@
+"""mindlora.parallel: the layout facts (which rank holds which slice)."""
