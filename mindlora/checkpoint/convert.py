@@ -25,7 +25,7 @@ from mindlora.checkpoint.peft_format import PEFTSource, PEFTWriter
 from mindlora.checkpoint.reshard import HF_ASSETS, MegatronReader, MegatronWriter
 from mindlora.checkpoint.safetensors_io import parse_size
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig, fail_if
-from mindlora.lora.merge import merged_weight
+from mindlora.lora.factors import merged_weight
 from mindlora.models.families import get_family
 from mindlora.models.families.base import target_module_paths, target_shape
 from mindlora.runtime.dtypes import SHORT_NAMES

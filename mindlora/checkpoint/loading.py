@@ -21,6 +21,7 @@ from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.reshard import MegatronReader, shard_tensor
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
+from mindlora.lora.factors import is_lora_key
 from mindlora.parallel.layout import chunk_layer_ids, expert_owner, pad_vocab
 
 
@@ -114,11 +115,6 @@ def load_model_shard(load_dir: str, tp_size: int, tp_rank: int, layer_ids: list[
         out[key] = shard_tensor(key, reader.full_global(source_key), tp_size, tp_rank,
                                 padded_vocab_size)
     return out
-
-
-def is_lora_key(key: str) -> bool:
-    """A LoRA factor (``lora_A``/``lora_B``) of a model chunk's state dict."""
-    return ".lora_A." in key or ".lora_B." in key
 
 
 def chunk_shard(load_dir: str, chunk: torch.nn.Module, vp_stage: int, model: ModelConfig,
@@ -221,7 +217,8 @@ def load_base(load_dir: str, chunks: list[torch.nn.Module], model: ModelConfig,
     (mindlora's, or Megatron-LM / MindSpeed-LLM's: see mindlora.checkpoint.megatron_lm)."""
     for v, chunk in enumerate(chunks):
         sd = chunk_shard(load_dir, chunk, v, model, parallel, hf_config_dir=hf_config_dir)
-        own = {k for k in chunk.state_dict() if not k.endswith("_extra_state") and not is_lora_key(k)}
+        own = {k for k in chunk.state_dict()
+               if not k.endswith("_extra_state") and not is_lora_key(k)}
         missing = sorted(own - set(sd))
         if missing:
             raise ValueError(f"--load {load_dir}: the checkpoint lacks {len(missing)} tensor(s) "

@@ -26,6 +26,7 @@ import torch
 
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LORA_TARGETS, LoRAConfig, ModelConfig, fail_if
+from mindlora.lora.factors import is_lora_key
 from mindlora.parallel.layout import layer_counts, layer_ids, layers_per_virtual_stage
 
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -35,10 +36,6 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", "kv_channels")
 KEY_STYLES = ("mindlora", "mindspeed")
-
-
-def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
 
 
 def is_foreign(payload: dict[str, Any]) -> bool:

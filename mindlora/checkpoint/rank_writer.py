@@ -25,7 +25,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mindlora.checkpoint.megatron_format import allow_megatron_args
 
-KeyPath = tuple  # a tensor's place in a nested payload: ("model", "decoder.layers.0...")
+KeyPath = tuple[str, ...]
+"""A tensor's place in a nested payload: ("model", "decoder.layers.0...")."""
 
 
 def _fake_like(tree: Any, mode: FakeTensorMode) -> Any:

@@ -17,10 +17,11 @@ import torch
 
 from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
-from mindlora.checkpoint.megatron_lm import (LegacyLayout, is_lora_key, megatron_args,
-                                             normalize_keys, to_key_style)
+from mindlora.checkpoint.megatron_lm import (LegacyLayout, megatron_args, normalize_keys,
+                                             to_key_style)
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.config import LoRAConfig, ModelConfig
+from mindlora.lora.factors import is_lora_key
 from mindlora.parallel.layout import (expert_global_key, expert_owner, gather, layer_counts,
                                       layer_ids, pad_vocab, shard, split_rule)
 from mindlora.runtime.dtypes import dtype_from_name

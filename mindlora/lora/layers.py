@@ -42,7 +42,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from mindlora.config import LoRAConfig
 from mindlora.lora import fused
-from mindlora.lora.merge import merged_weight
+from mindlora.lora.factors import merged_weight
 from mindlora.parallel.layout import lora_factor_splits, shard, split_rule
 
 
@@ -116,7 +116,7 @@ class LoRAMixin:
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``s * B @ A`` into this rank's base shard (mindlora.lora.merge, in float32)."""
+        """Fold ``s * B @ A`` into this rank's base shard (mindlora.lora.factors, in float32)."""
         if not self.merged:
             self._fold(+1)
             self.merged = True

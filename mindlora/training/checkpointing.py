@@ -29,6 +29,7 @@ from mindlora.checkpoint import loading
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.megatron_lm import megatron_args
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig
+from mindlora.lora.factors import is_lora_key
 from mindlora.parallel.layout import (chunk_layer_ids, pad_vocab, parallel_layer_counts,
                                       stage_totals)
 from mindlora.runtime.files import fsync_dir
@@ -47,7 +48,7 @@ class TrainState:
 
 
 def _lora_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in chunk.state_dict().items() if loading.is_lora_key(k)}
+    return {k: v.detach().clone() for k, v in chunk.state_dict().items() if is_lora_key(k)}
 
 
 def _rng_state() -> dict:
