@@ -241,9 +241,9 @@ class LegacyLayout:
         ids = layer_ids(counts)
         self.metas = {}
         for p in range(pp):
-            layer_ids = {k: ids[p, v] for v, k in enumerate(keys)}
+            chunk_ids = {k: ids[p, v] for v, k in enumerate(keys)}
             for t in range(tp):
-                meta = fmt.build_meta(self.kind, cfg, tp, pp, vpp, layer_ids, padded, dtype, lora,
+                meta = fmt.build_meta(self.kind, cfg, tp, pp, vpp, chunk_ids, padded, dtype, lora,
                                      tp_rank=t, pp_rank=p)
                 meta["source"] = "megatron"
                 self.metas[t, p] = meta
