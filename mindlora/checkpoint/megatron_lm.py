@@ -27,7 +27,8 @@ import torch
 from mindlora.checkpoint import megatron_format as fmt
 from mindlora.config import LORA_TARGETS, LoRAConfig, ModelConfig, fail_if
 from mindlora.lora.factors import is_lora_key
-from mindlora.parallel.layout import layer_counts, layer_ids, layers_per_virtual_stage
+from mindlora.parallel.layout import (layer_counts, layer_ids, layers_per_virtual_stage,
+                                      shard_shape, split_rule)
 
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
@@ -270,9 +271,7 @@ class LegacyLayout:
         for target in LORA_TARGETS:
             key = f"decoder.layers.0.{TARGET_PATHS[target]}.weight"
             if key in state:
-                out_f, in_f = target_shape(cfg, target)
-                want = (out_f // tp, in_f) if target in ("linear_qkv", "linear_fc1") else \
-                    (out_f, in_f // tp)
+                want = shard_shape(target_shape(cfg, target), split_rule(key), tp)
                 if tuple(state[key].shape) != want:
                     errors.append(f"{key} is {tuple(state[key].shape)}, args imply {want}")
         padded = int(a.get("padded_vocab_size") or cfg.vocab_size)

@@ -22,8 +22,8 @@ from mindlora.checkpoint.megatron_lm import (LegacyLayout, megatron_args, normal
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.config import LoRAConfig, ModelConfig
 from mindlora.lora.factors import is_lora_key
-from mindlora.parallel.layout import (expert_global_key, expert_owner, gather, layer_counts,
-                                      layer_ids, pad_vocab, shard, split_rule)
+from mindlora.parallel.layout import (expert_global_key, expert_owner, experts_per_rank, gather,
+                                      layer_counts, layer_ids, pad_vocab, shard, split_rule)
 from mindlora.runtime.dtypes import dtype_from_name
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -129,7 +129,7 @@ class MegatronReader:
             raise KeyError(f"{self.root}: no layer {layer_id}")
         pp_rank, chunk, local = self._where[layer_id]
         prefix = f"decoder.layers.{local}."
-        n_local = (self.model_config.num_moe_experts or 0) // self.ep
+        n_local = experts_per_rank(self.model_config.num_moe_experts or 0, self.ep)
         out = {}
         for ep_rank in range(self.ep):
             payloads = self._stage(pp_rank, ep_rank)

@@ -99,6 +99,14 @@ def shard(full: torch.Tensor, rule: Split, tp_size: int, tp_rank: int) -> torch.
     return torch.cat(pieces, dim=rule.dim).contiguous()
 
 
+def shard_shape(shape: Sequence[int], rule: Split, tp_size: int) -> tuple[int, ...]:
+    """Shape of one rank's shard of a full tensor of ``shape``."""
+    out = list(shape)
+    if rule.dim is not None:
+        out[rule.dim] //= tp_size
+    return tuple(out)
+
+
 def gather(shards: Sequence[torch.Tensor], rule: Split) -> torch.Tensor:
     """Re-join per-rank shards (in TP rank order) into the full tensor."""
     if rule.dim is None or len(shards) == 1:
@@ -127,6 +135,12 @@ def expert_index(name: str) -> Optional[int]:
     return int(m.group(2)) if m else None
 
 
+def experts_per_rank(num_experts: int, ep_size: int) -> int:
+    """Routed experts each EP rank holds (``num_experts`` divides by ``ep_size``, checked by
+    ParallelConfig.check_model)."""
+    return num_experts // ep_size
+
+
 def expert_owner(name: str, num_experts: int, ep_size: int) -> tuple[int, str]:
     """(EP rank, rank-local key) of a key numbering its expert globally; other keys: (-1, key).
 
@@ -137,7 +151,7 @@ def expert_owner(name: str, num_experts: int, ep_size: int) -> tuple[int, str]:
     m = _EXPERT.match(name)
     if m is None:
         return -1, name
-    per_rank = num_experts // ep_size
+    per_rank = experts_per_rank(num_experts, ep_size)
     e = int(m.group(2))
     return e // per_rank, f"{m.group(1)}{e % per_rank}{m.group(3)}"
 

@@ -73,6 +73,7 @@ def test_vocab_padding() -> None:
 def test_expert_ownership_and_renumbering() -> None:
     key = "decoder.layers.1.mlp.experts.local_experts.{}.linear_fc1.weight"
     # 8 experts over EP=4: rank r holds experts 2r, 2r+1, numbered 0, 1 there
+    assert layout.experts_per_rank(8, 4) == 2
     assert [layout.expert_owner(key.format(e), 8, 4) for e in (0, 5, 7)] == [
         (0, key.format(0)), (2, key.format(1)), (3, key.format(1))]
     for e in range(8):
@@ -122,6 +123,9 @@ def test_gated_shards_hold_their_gate_and_up_halves() -> None:
     rule = layout.split_rule("mlp.linear_fc1.weight")
     shards = [layout.shard(full, rule, 2, r) for r in range(2)]
     assert torch.equal(shards[1], torch.cat([gate[2:], up[2:]]))
+    assert layout.shard_shape(full.shape, rule, 2) == tuple(shards[0].shape) == (4, 2)
+    assert layout.shard_shape((8, 6), Split(1), 2) == (8, 3)
+    assert layout.shard_shape((8, 6), REPLICATED, 2) == (8, 6)
     assert torch.equal(layout.gather(shards, rule), full)
     assert torch.equal(layout.gather([layout.shard(full, Split(1), 2, r) for r in range(2)],
                                      Split(1)), full)
