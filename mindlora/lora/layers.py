@@ -236,7 +236,8 @@ def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank:
     independent of the expert-parallel size).
     """
     lora = layer.lora_config
-    full_in = layer.lora_A.weight.shape[1] * (tp_size if isinstance(layer, RowParallelLinear) else 1)
+    rule = split_rule(f"{target}.lora_A.weight")  # row base: A split on its input dim
+    full_in = layer.lora_A.weight.shape[1] * (tp_size if rule.dim == 1 else 1)
     seed = lora.seed * 100003 + layer_number * 31 + _TARGET_IDS[target]
     if expert is not None:
         seed = seed * 1009 + 7 * (expert + 1)
@@ -248,7 +249,6 @@ def init_lora_factors(layer: LoRAMixin, layer_number: int, target: str, tp_rank:
     else:
         # host-tensor: drawn from a seeded CPU generator, so A is the same on every device
         full = torch.empty(lora.r, full_in).normal_(0.0, 1.0 / lora.r, generator=gen)
-    rule = split_rule(f"{target}.lora_A.weight")
     with torch.no_grad():
         layer.lora_A.weight.copy_(shard(full, rule, tp_size, tp_rank))
         layer.lora_B.weight.zero_()
