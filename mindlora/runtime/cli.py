@@ -172,7 +172,8 @@ class Parser(argparse.ArgumentParser):
             if not meta.get("cli", True):
                 continue
             flag = meta.get("flag") or "--" + (prefix + name).replace("_", "-")
-            kw = _kwargs(f, hints[name], meta, docs.get(name))
+            doc = docs.get(name, "").replace(f" (``{flag}``)", "")  # the flag naming itself
+            kw = _kwargs(f, hints[name], meta, doc)
             if kw.get("action") == "store_false" and not flag.startswith("--no-"):
                 raise TypeError(f"{cls.__name__}.{name} defaults to True: its flag must be "
                                 f"--no-..., not {flag}")
