@@ -233,12 +233,17 @@ class Parser(argparse.ArgumentParser):
                 tokens = shorter
                 continue
             except ValueError as e:  # self.error: a required flag missing
-                return None, tokens, problems + [str(e)]
+                with self._nothing_required():
+                    unknown = self.parse_known_args(tokens)[1]
+                return None, tokens, problems + self._unknown(unknown) + [str(e)]
             if unknown:
-                problems.append(f"unknown flag(s): {' '.join(unknown)} (see {self.prog} --help)")
+                problems += self._unknown(unknown)
                 tokens = [t for t in tokens if t not in unknown]
             return ns, tokens, problems
         return None, tokens, problems
+
+    def _unknown(self, tokens: list[str]) -> list[str]:
+        return [f"unknown flag(s): {' '.join(tokens)} (see {self.prog} --help)"] if tokens else []
 
     def _without(self, tokens: list[str], name: Optional[str]) -> list[str]:
         """``tokens`` less the flag ``name`` (``--a/--b`` for aliases) and the values it took."""
