@@ -40,9 +40,10 @@ def option(default: Any = _MISSING, *, default_factory: Any = _MISSING, **cli: A
         default, default_factory: as for ``dataclasses.field``.
         **cli: ``flag`` (name when it is not ``--<field-name>``), ``choices`` (or a callable
             returning them), ``type`` (a parsing function; the flag then takes one token),
-            ``nargs`` (for a list field, e.g. ``"*"``), ``metavar``, ``help`` (instead of the docstring), ``hidden`` (accepted, not in
-            ``--help``), ``cli=False`` (not a flag). A bool field defaulting to True needs a
-            ``flag`` of the form ``--no-...`` (the switch turns it off).
+            ``nargs`` (for a list field, e.g. ``"*"``), ``metavar``, ``help`` (instead of the
+            docstring), ``hidden`` (accepted, not in ``--help``), ``cli=False`` (not a flag).
+            A bool field defaulting to True needs a ``flag`` of the form ``--no-...`` (the
+            switch turns it off).
     """
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={"cli": cli})
@@ -196,7 +197,7 @@ class Parser(argparse.ArgumentParser):
 
     # -- parsing ------------------------------------------------------------------------------
     def parse(self, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-        """Parse ``argv`` (and ``--config FILE.yaml``); raise one ValueError naming every problem."""
+        """Parse ``argv`` (and ``--config FILE.yaml``); one ValueError names every problem."""
         argv = list(sys.argv[1:] if argv is None else argv)
         errors: list[str] = []
         tokens: list[str] = []

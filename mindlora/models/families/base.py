@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mindlora.config import TARGET_PATHS, ModelConfig  # noqa: F401 (TARGET_PATHS re-exported)
+from mindlora.config import TARGET_PATHS, ModelConfig, fail_if  # noqa: F401 (re-export)
 
 HF_LAYER_PREFIX = "model.layers.{}."
 MCORE_LAYER_PREFIX = "decoder.layers.{}."
@@ -163,8 +163,7 @@ def check_hf_fields(hf: dict[str, Any], family: str, unsupported: dict[str, Any]
     for field, ok_value in unsupported.items():
         if hf.get(field, ok_value) != ok_value:
             errors.append(f"{field} ({hf[field]}) is not supported for --model-type-hf {family}")
-    if errors:
-        raise ValueError("unsupported config.json:\n  - " + "\n  - ".join(errors))
+    fail_if(errors, "config.json for mindlora")
 
 
 def common_model_fields(hf: dict[str, Any]) -> dict[str, Any]:
