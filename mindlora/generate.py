@@ -2,7 +2,7 @@
 model (+ a LoRA adapter).
 
 Thin on purpose: parse flags, run ``mindlora.generation.cli.run``, tear the process group down
-(mindlora.runtime.cli.run_main, shared with mindlora.train).
+(mindlora.runtime.entry.run_main, shared with mindlora.train).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 def main(argv=None) -> int:
     from mindlora.generation.args import parse_args
-    from mindlora.runtime.cli import rank0_log, run_main
+    from mindlora.runtime.entry import rank0_log, run_main
 
     def run(cfg) -> None:
         from mindlora.generation.cli import run as generate

@@ -2,7 +2,7 @@
 megatron-core.
 
 Thin on purpose: parse flags into configs, run the trainer, tear the process group down
-(mindlora.runtime.cli.run_main, shared with mindlora.generate).
+(mindlora.runtime.entry.run_main, shared with mindlora.generate).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from mindlora.runtime.cli import rank0_log, run_main
+    from mindlora.runtime.entry import rank0_log, run_main
     from mindlora.training.args import parse_args
 
     def run(cfg) -> None:

@@ -12,11 +12,15 @@ dashes or underscores) becomes ``--key=value``, so it gets the flag's type and c
 command line, parsed after it, wins. Every problem (a bad value, an unknown flag or key, a missing
 required flag) is collected and raised once through :func:`mindlora.config.fail_if`, so a user
 fixes a launcher in one edit. Used by train, generate, convert and preprocess alike.
+
+It imports only mindlora.config, the standard library and yaml, so that every package may build
+its command line from it (the start-up shared by train and generate is in runtime/entry.py).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -24,7 +28,7 @@ import sys
 import textwrap
 import types
 import typing
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import yaml
 
@@ -266,23 +270,19 @@ class Parser(argparse.ArgumentParser):
                     break
         return out
 
-    class _Relaxed:
-        def __init__(self, parser: "Parser") -> None:
-            self.items = [a for a in parser._actions if a.required] + [
-                g for g in parser._mutually_exclusive_groups if g.required]
-
-        def __enter__(self) -> None:
-            for item in self.items:
-                item.required = False
-
-        def __exit__(self, *exc: Any) -> None:
-            for item in self.items:
-                item.required = True
-
-    def _nothing_required(self) -> "_Relaxed":
+    @contextlib.contextmanager
+    def _nothing_required(self) -> Iterator[None]:
         """Required flags may come from the command line: a YAML file alone is checked
         without them."""
-        return Parser._Relaxed(self)
+        items = [a for a in self._actions if a.required] + [
+            g for g in self._mutually_exclusive_groups if g.required]
+        for item in items:
+            item.required = False
+        try:
+            yield
+        finally:
+            for item in items:
+                item.required = True
 
     def _yaml_tokens(self, path: str, errors: list[str]) -> list[str]:
         """The YAML file as command-line tokens (``--flag=value``); problems go to ``errors``."""
@@ -328,38 +328,3 @@ class Parser(argparse.ArgumentParser):
                 text = json.dumps(value) if isinstance(value, dict) else str(value)
                 tokens.append(f"{flag}={text}")
         return tokens
-
-
-def run_main(name: str, parse: Callable[[Sequence[str]], Any], run: Callable[[Any], Any],
-             argv: Optional[Sequence[str]] = None,
-             errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
-    """The shared start-up of ``mindlora.train`` / ``mindlora.generate``: parse, run, tear the
-    process group down; bad input (or a failed save) is one line on stderr and exit code 2."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    try:
-        cfg = parse(argv)
-    except errors as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    from mindlora.runtime import destroy_parallel
-
-    try:
-        run(cfg)
-    except errors as e:  # one line, no traceback
-        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy_parallel()
-    return 0
-
-
-def rank0_log(stream: Any = None) -> Callable[[str], None]:
-    """A log function that prints on global rank 0 only (or before the process group exists)."""
-    def log(msg: str) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(msg, file=stream or sys.stdout, flush=True)
-    return log

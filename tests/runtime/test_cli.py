@@ -16,7 +16,8 @@ from typing import Optional
 
 import pytest
 
-from mindlora.runtime.cli import Parser, comma_ints, field_docs, json_object, option, run_main
+from mindlora.runtime.cli import Parser, comma_ints, field_docs, json_object, option
+from mindlora.runtime.entry import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -254,3 +255,14 @@ def test_tools_are_thin_and_run_from_a_checkout():
         done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), "--help"],
                               capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0 and "--config FILE.yaml" in done.stdout, done.stderr
+
+
+def test_the_cli_module_stays_at_the_bottom():
+    """Every package builds its command line with runtime/cli.py, so it imports nothing of
+    mindlora but config (and no torch): only the standard library, yaml and mindlora.config."""
+    path = os.path.join(ROOT, "mindlora", "runtime", "cli.py")
+    tree = ast.parse(open(path).read())
+    names = {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    outside = {n for n in names if n.split(".")[0] not in sys.stdlib_module_names}
+    assert outside == {"yaml", "mindlora.config"}, outside
