@@ -42,7 +42,8 @@ def option(default: Any = _MISSING, *, default_factory: Any = _MISSING, **cli: A
 
     Args:
         default, default_factory: as for ``dataclasses.field``.
-        **cli: ``flag`` (name when it is not ``--<field-name>``), ``choices`` (or a callable
+        **cli: ``flag`` (name when it is not ``--<field-name>``), ``aliases`` (more names),
+            ``dest`` (the namespace name; default: the field's), ``choices`` (or a callable
             returning them), ``type`` (a parsing function; the flag then takes one token),
             ``nargs`` (for a list field, e.g. ``"*"``), ``metavar``, ``help`` (instead of the
             docstring), ``hidden`` (accepted, not in ``--help``), ``cli=False`` (not a flag).
