@@ -11,6 +11,16 @@ setup(
     description="Megatron-style LoRA fine-tuning (TP/PP/DP/SP) on megatron-core",
     packages=find_packages(include=["mindlora", "mindlora.*"]),
     python_requires=">=3.10",
+    # the same commands as python -m mindlora.train / mindlora.generate, tools/convert_ckpt.py
+    # and tools/preprocess_data.py (tests/runtime/test_cli.py imports and runs each target)
+    entry_points={
+        "console_scripts": [
+            "mindlora-train = mindlora.train:main",
+            "mindlora-generate = mindlora.generate:main",
+            "mindlora-convert = mindlora.checkpoint.cli:main",
+            "mindlora-preprocess = mindlora.data.cli:main",
+        ],
+    },
     install_requires=[
         "torch>=2.4,<=2.14.1",
         "megatron-core==0.16.1",

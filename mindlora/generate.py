@@ -1,39 +1,24 @@
-"""``torchrun ... -m mindlora.generate [flags]``: answers from a base model (+ a LoRA adapter).
+"""``torchrun ... -m mindlora.generate [flags]`` (or ``mindlora-generate``): answers from a base
+model (+ a LoRA adapter).
 
-Thin on purpose: parse flags, run ``mindlora.generation.cli.run``, tear the process group down.
+Thin on purpose: parse flags, run ``mindlora.generation.cli.run``, tear the process group down
+(mindlora.runtime.entry.run_main, shared with mindlora.train).
 """
 from __future__ import annotations
 
 import sys
-import warnings
 
 
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from mindlora.generation.args import parse_args
+    from mindlora.runtime.entry import rank0_log, run_main
 
-    try:
-        cfg = parse_args(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mindlora.generate: error: {e}", file=sys.stderr)
-        return 2
-    import torch.distributed as dist
+    def run(cfg) -> None:
+        from mindlora.generation.cli import run as generate
 
-    from mindlora.generation.cli import run
-    from mindlora.runtime import destroy_parallel
+        generate(cfg, rank0_log(sys.stderr))
 
-    def log(msg: str) -> None:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(msg, file=sys.stderr, flush=True)
-
-    try:
-        run(cfg, log)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mindlora.generate: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy_parallel()
-    return 0
+    return run_main("mindlora.generate", parse_args, run, argv)
 
 
 if __name__ == "__main__":

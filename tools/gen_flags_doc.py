@@ -12,23 +12,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "flags.md")
-
-
-def _tool_parser(relpath: str, func: str):
-    """A parser function from a script under tools/ (not a package), loaded by path."""
-    def load() -> argparse.ArgumentParser:
-        path = os.path.join(ROOT, relpath)
-        spec = importlib.util.spec_from_file_location(f"_flags_{func}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return getattr(module, func)()
-    return load
 
 
 def _module_parser(module: str, func: str):
@@ -37,19 +25,20 @@ def _module_parser(module: str, func: str):
 
 # (section title, how it is run, parser factory): one entry per command-line tool.
 SOURCES = [
-    ("Checkpoint conversion", "python tools/convert_ckpt.py",
-     _tool_parser("tools/convert_ckpt.py", "parser")),
-    ("Data preprocessing", "python tools/preprocess_data.py",
-     _module_parser("mindlora.data.preprocess", "build_parser")),
-    ("Training", "torchrun ... -m mindlora.train",
+    ("Checkpoint conversion", "mindlora-convert (or python tools/convert_ckpt.py)",
+     _module_parser("mindlora.checkpoint.cli", "parser")),
+    ("Data preprocessing", "mindlora-preprocess (or python tools/preprocess_data.py)",
+     _module_parser("mindlora.data.cli", "build_parser")),
+    ("Training", "torchrun ... -m mindlora.train (or mindlora-train)",
      _module_parser("mindlora.training.args", "build_parser")),
-    ("Generation", "torchrun ... -m mindlora.generate",
+    ("Generation", "torchrun ... -m mindlora.generate (or mindlora-generate)",
      _module_parser("mindlora.generation.args", "build_parser")),
 ]
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    # argparse help escapes % as %%
+    return " ".join(str(text).split()).replace("%%", "%").replace("|", "\\|")
 
 
 def _value(action: argparse.Action) -> str:
@@ -60,9 +49,8 @@ def _value(action: argparse.Action) -> str:
         kind = "{" + ", ".join(str(c) for c in action.choices) + "}"
     else:
         typ = action.type
-        kind = getattr(typ, "__name__", None) or "str"
-        if kind in ("<lambda>", "lower") or kind.startswith("_"):
-            kind = "str"  # a parsing function reads the flag's text
+        # a parsing function (not a type such as int) reads the flag's text
+        kind = typ.__name__ if isinstance(typ, type) else "str"
     if action.nargs in ("+", "*"):
         kind += " ..." if action.nargs == "+" else " [...]"
     return kind
@@ -160,5 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     sys.exit(main())

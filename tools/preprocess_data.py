@@ -6,14 +6,14 @@ Same flags and output names as MindSpeed-LLM's tools/preprocess_data.py, e.g.::
         --tokenizer-name-or-path ./model_from_hf/qwen3_hf --output-prefix ./finetune_dataset/alpaca \
         --handler-name AlpacaStyleInstructionHandler --prompt-type qwen3 --workers 4
 
-The logic lives in mindlora.data.preprocess; see docs/data.md.
+The same as the ``mindlora-preprocess`` console script; the command line lives in
+mindlora.data.cli, the run in mindlora.data.preprocess; see docs/data.md.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mindlora.data.cli import build_parser, main
 
-from mindlora.data.preprocess import main  # noqa: E402
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

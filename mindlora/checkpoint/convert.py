@@ -26,8 +26,9 @@ from mindlora.checkpoint.reshard import HF_ASSETS, MegatronReader, MegatronWrite
 from mindlora.checkpoint.safetensors_io import parse_size
 from mindlora.config import LoRAConfig, ModelConfig, ParallelConfig, fail_if
 from mindlora.lora.factors import merged_weight
-from mindlora.models.families import get_family
+from mindlora.models.families import family_names, get_family
 from mindlora.models.families.base import target_module_paths, target_shape
+from mindlora.runtime.cli import comma_ints, option
 from mindlora.runtime.dtypes import SHORT_NAMES
 
 _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -36,33 +37,56 @@ _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
 
 @dataclass
 class ConvertOptions:
-    """One conversion, as tools/convert_ckpt.py's flags describe it (MindSpeed-LLM spelling)."""
+    """One conversion, as tools/convert_ckpt.py's flags describe it (MindSpeed-LLM spelling).
 
-    load_model_type: str
-    save_model_type: str
-    save_dir: str
+    The fields are the flags (``load_dir`` -> ``--load-dir``): mindlora.checkpoint.cli builds
+    the parser from them.
+    """
+
+    load_model_type: str = option(choices=("hf", "mg"))
+    """Format of --load-dir: hf (a Hugging Face folder) or mg (a Megatron checkpoint)."""
+    save_model_type: str = option(choices=("hf", "mg"))
+    """Format to write into --save-dir: hf or mg."""
+    save_dir: str = option()
+    """Output folder (must not exist or be empty)."""
     load_dir: Optional[str] = None
-    model_type_hf: Optional[str] = None
+    """HF model folder, or a mindlora / Megatron-LM / MindSpeed-LLM checkpoint to read."""
+    model_type_hf: Optional[str] = option(None, choices=family_names)
+    """Model family (required for --load-model-type hf)."""
     target_tensor_parallel_size: int = 1
+    """Tensor-parallel size of the mg output."""
     target_pipeline_parallel_size: int = 1
+    """Pipeline-parallel size of the mg output."""
     target_expert_parallel_size: int = 1
-    num_layer_list: Optional[list[int]] = None
+    """Mixture-of-experts models: split the routed experts over this many ranks."""
+    num_layer_list: Optional[list[int]] = option(None, type=comma_ints)
+    """Uneven pipeline split, layers per stage, e.g. 10,12,8."""
     lora_load: Optional[str] = None
+    """Adapter checkpoint (mindlora or MindSpeed-LLM LoRA) to merge or export."""
     lora_r: Optional[int] = None
+    """Checked against the adapter's own r."""
     lora_alpha: Optional[float] = None
+    """Checked against the adapter's own alpha."""
     lora_target_modules: Optional[list[str]] = None
+    """Checked against the adapter's own targets (names, all-linear or a regex)."""
     save_lora_to_hf: bool = False
-    load_lora_from_hf: Optional[str] = None
-    params_dtype: Optional[str] = None
-    """bf16 | fp16 | fp32; None keeps the source's dtype."""
+    """Write --lora-load as an HF PEFT adapter into --save-dir."""
+    load_lora_from_hf: Optional[str] = option(None, metavar="DIR")
+    """Import an HF PEFT adapter as a mindlora adapter checkpoint."""
+    params_dtype: Optional[str] = option(None, choices=tuple(SHORT_NAMES))
+    """Cast floating tensors to bf16, fp16 or fp32 (default: keep the source dtype)."""
     max_shard_size: str = "5GB"
-    progress: bool = True
-    hf_cfg_dir: Optional[str] = None
-    """HF model folder whose config.json completes a Megatron-LM checkpoint's ``args``."""
-    lora_key_style: str = "mindlora"
-    """Adapter keys written to mg output: ``mindlora`` (lora_A.weight) or ``mindspeed``."""
+    """HF output shard size (e.g. 2GB)."""
+    progress: bool = option(True, flag="--no-progress", help="no progress bar")
+    """Show a progress bar (``--no-progress`` turns it off)."""
+    hf_cfg_dir: Optional[str] = option(None, metavar="DIR")
+    """HF model folder whose config.json completes a Megatron-LM / MindSpeed-LLM checkpoint's
+    args (rope scaling, true vocab size); its tokenizer files are copied on mg -> hf."""
+    lora_key_style: str = option("mindlora", choices=KEY_STYLES)
+    """Adapter keys on mg output: mindlora (lora_A.weight) or MindSpeed's lora_A.default.weight."""
     base_model_name_or_path: Optional[str] = None
-    """adapter_config.json's field on PEFT export (default: config's _name_or_path / folder)."""
+    """adapter_config.json's base_model_name_or_path on --save-lora-to-hf (default: config.json's
+    _name_or_path, else the --load-dir folder name)."""
 
     def validate(self) -> None:
         """Collect every flag problem and raise once."""

@@ -1,4 +1,4 @@
-"""The preprocessing run behind ``tools/preprocess_data.py`` (MindSpeed-LLM's flags and names).
+"""The preprocessing run behind ``mindlora-preprocess`` (MindSpeed-LLM's flags and names).
 
 Flow: input files -> chunks of records -> (pool of ``--workers`` processes) handler: validate,
 render, batch-tokenise -> length policy -> optional packing -> indexed writers -> rename.
@@ -9,8 +9,6 @@ removes the temporaries, so a failed run leaves no partial dataset behind.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -20,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mindlora.config import fail_if
 from mindlora.data.handlers import (HANDLERS, GeneralPretrainHandler, Handler, HandlerOptions,
                                     InstructionHandler, get_handler)
 from mindlora.data.indexed import IndexedDatasetWriter
@@ -28,34 +27,54 @@ from mindlora.data.packing import OVERLONG_POLICIES, limit_length, pack_samples
 from mindlora.data.records import InvalidRecord, iter_records, parse_record
 from mindlora.data.templates import THINKING_MODES, get_template
 from mindlora.data.tokenizer import load_tokenizer
+from mindlora.runtime.cli import json_object, option
 
 log = logging.getLogger("mindlora.data")
-TOKENIZER_TYPES = ("PretrainedFromHF", "SentencePiece", "Tiktoken", "auto")
 
 
 @dataclass
 class PreprocessConfig:
-    """One preprocessing run; fields are the CLI flags (``--output-prefix`` -> output_prefix)."""
+    """One preprocessing run; the fields are the CLI flags (``--output-prefix`` -> output_prefix;
+    mindlora.data.cli builds the parser from them)."""
 
-    input: str                                  # file or folder (.json/.jsonl/.parquet)
-    tokenizer_name_or_path: str                 # local tokenizer folder or file
-    output_prefix: str                          # outputs: <prefix>_packed_<key>_document.*
-    handler_name: str = "AlpacaStyleInstructionHandler"
-    prompt_type: str | None = None              # template name in templates.json
-    prompt_type_path: str | None = None         # templates.json (default: configs/finetune)
-    enable_thinking: str = "none"               # true / false / none (reasoning templates)
-    seq_length: int | None = None               # limit per sample / packed row
-    pack: bool = False                          # pack samples greedily into seq_length
-    overlong: str = "drop"                      # over-long samples: drop or truncate
-    map_keys: dict[str, Any] = field(default_factory=dict)  # field-name remapping
-    json_keys: tuple[str, ...] = ("text",)      # pretrain text field
-    workers: int = 1                            # processes
-    log_interval: int = 1000                    # progress line every N samples
-    append_eod: bool = False                    # add EOS at the end of every sample
-    train_on_inputs: bool = False               # learn prompt tokens too
-    mask_history: bool = False                  # learn only the last assistant turn
-    skip_invalid: bool = False                  # skip (and count) bad records instead of failing
-    chunk_size: int = 512                       # records per tokenisation batch / pool task
+    input: str
+    """A .json/.jsonl/.parquet file or a folder of them."""
+    tokenizer_name_or_path: str
+    """Local HF tokenizer folder, sentencepiece .model or tiktoken file."""
+    output_prefix: str
+    """Outputs are <prefix>_packed_<key>_document.bin/.idx (pretrain: <prefix>_<key>_document)."""
+    handler_name: str = option("AlpacaStyleInstructionHandler", choices=tuple(HANDLERS))
+    """How records are read and rendered (MindSpeed-LLM's handler names)."""
+    prompt_type: str | None = None
+    """Template name in templates.json."""
+    prompt_type_path: str | None = None
+    """templates.json to read (default: configs/finetune/templates.json)."""
+    enable_thinking: str = option("none", type=str.lower, choices=THINKING_MODES)
+    """Reasoning templates: true / false / none (the template's default)."""
+    seq_length: int | None = None
+    """Length limit per sample (and the packed row length with --pack)."""
+    pack: bool = False
+    """Pack samples into --seq-length rows."""
+    overlong: str = option("drop", choices=OVERLONG_POLICIES)
+    """What to do with samples longer than --seq-length."""
+    map_keys: dict[str, Any] = option(default_factory=dict, type=json_object)
+    """JSON object remapping field names, e.g. {"prompt": "question"}."""
+    json_keys: tuple[str, ...] = ("text",)
+    """Pretrain text field."""
+    workers: int = 1
+    """Tokenising processes."""
+    log_interval: int = 1000
+    """A progress line every N samples."""
+    append_eod: bool = False
+    """Add EOS at the end of every sample."""
+    train_on_inputs: bool = False
+    """Learn prompt tokens too (labels not masked)."""
+    mask_history: bool = False
+    """Learn only the last assistant turn of multi-turn samples."""
+    skip_invalid: bool = False
+    """Skip and count malformed records instead of failing."""
+    chunk_size: int = option(512, cli=False)
+    """Records per tokenisation batch / pool task."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -90,8 +109,7 @@ class PreprocessConfig:
                 errors.append(str(e))
         if not isinstance(self.map_keys, dict):
             errors.append("--map-keys must be a JSON object")
-        if errors:
-            raise ValueError("invalid preprocessing arguments:\n  " + "\n  ".join(errors))
+        fail_if(errors, "preprocessing arguments")
 
     def handler_options(self) -> HandlerOptions:
         """The handler's share of the configuration."""
@@ -275,67 +293,3 @@ def _meta(cfg: PreprocessConfig, tokenizer, summary: Summary) -> dict[str, Any]:
         "append_eod": cfg.append_eod, "outputs": [os.path.basename(n) for n in summary.outputs],
         "summary": {k: v for k, v in asdict(summary).items() if k != "outputs"},
     }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI of tools/preprocess_data.py; flag names follow MindSpeed-LLM."""
-    p = argparse.ArgumentParser(description="Tokenise instruction / pretraining data into "
-                                "Megatron indexed datasets (.bin/.idx).")
-    p.add_argument("--input", required=True, help="a .json/.jsonl/.parquet file or a folder")
-    p.add_argument("--tokenizer-name-or-path", required=True,
-                   help="local HF tokenizer folder, sentencepiece .model or tiktoken file")
-    p.add_argument("--tokenizer-type", default="auto", choices=TOKENIZER_TYPES,
-                   help="accepted for MindSpeed compatibility; the kind is detected from files")
-    p.add_argument("--tokenizer-not-use-fast", action="store_true",
-                   help="accepted for MindSpeed compatibility; fast tokenizers are always used")
-    p.add_argument("--output-prefix", required=True)
-    p.add_argument("--handler-name", default="AlpacaStyleInstructionHandler", choices=HANDLERS)
-    p.add_argument("--prompt-type", default=None, help="template name in templates.json")
-    p.add_argument("--prompt-type-path", default=None, help="templates.json to read")
-    p.add_argument("--enable-thinking", default="none", type=str.lower, choices=THINKING_MODES)
-    p.add_argument("--seq-length", type=int, default=None)
-    p.add_argument("--pack", action="store_true", help="pack samples into --seq-length rows")
-    p.add_argument("--neat-pack", action="store_true",
-                   help="MindSpeed alias: --pack with over-long samples truncated")
-    p.add_argument("--overlong", default="drop", choices=OVERLONG_POLICIES,
-                   help="what to do with samples longer than --seq-length")
-    p.add_argument("--map-keys", default=None, help="JSON object remapping field names")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="pretrain text field")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--log-interval", type=int, default=1000)
-    p.add_argument("--append-eod", action="store_true")
-    p.add_argument("--train-on-inputs", action="store_true")
-    p.add_argument("--mask-history", action="store_true",
-                   help="learn only the last assistant turn of multi-turn samples")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="skip and count malformed records instead of failing")
-    return p
-
-
-def config_from_args(argv: list[str] | None = None) -> PreprocessConfig:
-    """Parse the command line into a validated PreprocessConfig."""
-    a = build_parser().parse_args(argv)
-    try:
-        map_keys = json.loads(a.map_keys) if a.map_keys else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--map-keys: not valid JSON ({e.msg}): {a.map_keys}") from None
-    return PreprocessConfig(
-        input=a.input, tokenizer_name_or_path=a.tokenizer_name_or_path,
-        output_prefix=a.output_prefix, handler_name=a.handler_name, prompt_type=a.prompt_type,
-        prompt_type_path=a.prompt_type_path, enable_thinking=a.enable_thinking,
-        seq_length=a.seq_length, pack=a.pack or a.neat_pack,
-        overlong="truncate" if a.neat_pack else a.overlong, map_keys=map_keys,
-        json_keys=tuple(a.json_keys), workers=a.workers, log_interval=a.log_interval,
-        append_eod=a.append_eod, train_on_inputs=a.train_on_inputs,
-        mask_history=a.mask_history, skip_invalid=a.skip_invalid)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry: configure logging, run, map user errors to exit code 1 with one message."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        run_preprocess(config_from_args(argv))
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 1
-    return 0

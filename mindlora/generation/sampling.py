@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mindlora.config import fail_if
 
 @dataclass
 class SamplingConfig:
@@ -37,8 +38,7 @@ class SamplingConfig:
             errors.append(f"--top-k ({self.top_k}) must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             errors.append(f"--top-p ({self.top_p}) must be in (0, 1] (1 = off)")
-        if errors:
-            raise ValueError("invalid sampling flags:\n  - " + "\n  - ".join(errors))
+        fail_if(errors, "sampling flags")
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mindlora.data.preprocess import PreprocessConfig, config_from_args
+from mindlora.data.cli import config_from_args
+from mindlora.data.preprocess import PreprocessConfig
 from tests.data.helpers import alpaca_records, preprocess, write_jsonl
 
 GOOD = alpaca_records(4)

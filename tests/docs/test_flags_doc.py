@@ -13,10 +13,10 @@ def test_flags_doc_matches_the_parsers():
 
 
 def test_every_visible_flag_is_documented():
-    from mindlora.data.preprocess import build_parser as preprocess_parser
+    from mindlora.data.cli import build_parser as preprocess_parser
     from mindlora.generation.args import build_parser as generate_parser
     from mindlora.training.args import build_parser as train_parser
-    from tools.convert_ckpt import parser as convert_parser
+    from mindlora.checkpoint.cli import parser as convert_parser
 
     text = render()
     for parser in (train_parser(), preprocess_parser(), generate_parser(), convert_parser()):

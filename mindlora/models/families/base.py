@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from mindlora.config import TARGET_PATHS  # noqa: F401 (re-exported)
-from mindlora.config import LoRAConfig, ModelConfig
+from mindlora.config import LoRAConfig, ModelConfig, fail_if
 
 HF_LAYER_PREFIX = "model.layers.{}."
 MCORE_LAYER_PREFIX = "decoder.layers.{}."
@@ -164,8 +164,7 @@ def check_hf_fields(hf: dict[str, Any], family: str, unsupported: dict[str, Any]
     for field, ok_value in unsupported.items():
         if hf.get(field, ok_value) != ok_value:
             errors.append(f"{field} ({hf[field]}) is not supported for --model-type-hf {family}")
-    if errors:
-        raise ValueError("unsupported config.json:\n  - " + "\n  - ".join(errors))
+    fail_if(errors, "config.json for mindlora")
 
 
 def common_model_fields(hf: dict[str, Any]) -> dict[str, Any]:
