@@ -29,7 +29,9 @@ def keep_block_structure(chunks: list[torch.nn.Module], lora: LoRAConfig, model:
     for chunk in chunks:
         for name, module in chunk.named_modules():
             for target, full in masks.items():
-                if name.endswith("." + TARGET_PATHS[target]) and hasattr(module, "lora_B"):
+                expert = ".experts.local_experts." in name and name.endswith("." + target)
+                if (name.endswith("." + TARGET_PATHS[target]) or expert) and hasattr(
+                        module, "lora_B"):
                     weight = module.lora_B.weight
                     mask = shard(full, split_rule(f"{TARGET_PATHS[target]}.lora_B.weight"),
                                  tp_size, tp_rank).to(device=weight.device, dtype=weight.dtype)
