@@ -20,7 +20,8 @@ from mindlora.models.sharding import shard, split_rule
 
 def keep_block_structure(chunks: list[torch.nn.Module], lora: LoRAConfig, model: ModelConfig,
                          tp_size: int, tp_rank: int) -> int:
-    """Mask the off-block gradient of every rank-stacked target's B; return how many layers.
+    """Mask the off-block gradient of every rank-stacked target's B (every expert's, in a MoE
+    layer); return how many layers.
 
     Targets with one module (o, down) or with mindlora's shared A have no blocks to keep.
     """

@@ -145,3 +145,46 @@ def test_router_targets_and_odd_fused_shapes_are_refused(moe_models, tmp_path): 
         run_convert(load_model_type="hf", save_model_type="mg", load_dir=src4,
                     model_type_hf="qwen3-moe", load_lora_from_hf=fused,
                     save_dir=str(tmp_path / "c"))
+
+
+def test_rslora_and_independent_gate_up_factors(moe_models, tmp_path):  # noqa: F811
+    """rsLoRA exports as its plain-LoRA equivalent (PEFT's per-expert conversion doubles r and
+    alpha of gate_up_proj, which keeps alpha / r only); a per-expert adapter whose gate and up A
+    differ (as PEFT trains them on transformers 4) imports rank-stacked and exports back bit for
+    bit."""
+    src = moe_models["mixtral"]
+    cfg = HFSource(src, "mixtral").model_config
+    lora = LoRAConfig(r=4, alpha=8.0, use_rslora=True, target_modules=("all-linear",))
+    base, peft, merged = (str(tmp_path / d) for d in ("base", "peft", "merged"))
+    run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, save_dir=base,
+                model_type_hf="mixtral")
+    adapter = write_moe_adapter(str(tmp_path / "adapter"), cfg, lora, tp=1, ep=2)
+    run_convert(load_model_type="mg", save_model_type="hf", load_dir=base, lora_load=adapter,
+                save_lora_to_hf=True, save_dir=peft)
+    with open(os.path.join(peft, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert (config["use_rslora"], config["lora_alpha"]) == (False, 16.0)  # 8 / sqrt(4) = 16 / 4
+    run_convert(load_model_type="mg", save_model_type="hf", load_dir=base, lora_load=adapter,
+                save_dir=merged)
+    torch.testing.assert_close(hf_logits(src, IDS, adapter=peft), hf_logits(merged, IDS),
+                               atol=1e-4, rtol=0)
+
+    path = os.path.join(peft, "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(9)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.2 if ".w3.lora_A" in k else v
+               for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    stacked, merged2, again = (str(tmp_path / d) for d in ("stacked", "merged2", "again"))
+    run_convert(load_model_type="hf", save_model_type="mg", load_dir=src, model_type_hf="mixtral",
+                load_lora_from_hf=peft, save_dir=stacked, target_tensor_parallel_size=2)
+    assert LoRAConfig.from_dict(fmt.read_meta(stacked)[1]["lora_config"]).ranks == {
+        "linear_fc1": [4, 4]}
+    run_convert(load_model_type="hf", save_model_type="hf", load_dir=src, model_type_hf="mixtral",
+                lora_load=stacked, save_dir=merged2)
+    torch.testing.assert_close(hf_logits(merged2, IDS), hf_logits(src, IDS, adapter=peft),
+                               atol=1e-4, rtol=0)
+    run_convert(load_model_type="hf", save_model_type="hf", load_dir=src, model_type_hf="mixtral",
+                lora_load=stacked, save_lora_to_hf=True, save_dir=again)
+    back = load_file(os.path.join(again, "adapter_model.safetensors"))
+    assert sorted(back) == sorted(tensors)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
