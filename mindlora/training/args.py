@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="mixture-of-experts models: split the routed experts over this many ranks")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="mixture-of-experts models: must equal --tensor-model-parallel-size "
+                        "(experts are split over the attention TP group); another value is "
+                        "refused")
     g = p.add_argument_group("batch and schedule")
     for flag, typ in (("--micro-batch-size", int), ("--global-batch-size", int),
                       ("--seq-length", int), ("--train-iters", int), ("--lr", float),
@@ -313,6 +317,7 @@ def _to_configs(ns: argparse.Namespace) -> RunConfig:
         pipeline_model_parallel_size=ns.pipeline_model_parallel_size,
         sequence_parallel=ns.sequence_parallel,
         expert_model_parallel_size=ns.expert_model_parallel_size,
+        expert_tensor_parallel_size=ns.expert_tensor_parallel_size,
         num_layer_list=([int(x) for x in str(ns.num_layer_list).split(",")]
                         if ns.num_layer_list else None),
         virtual_pipeline_model_parallel_size=None,
