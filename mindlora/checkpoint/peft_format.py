@@ -142,7 +142,7 @@ class PEFTWriter:
                 modules.add(name)
                 if r != lora.r:
                     rank_pattern[name] = r
-                if scaling != _scaling(alpha, r, rslora):
+                if not math.isclose(scaling, _scaling(alpha, r, rslora), rel_tol=1e-12):
                     alpha_pattern[name] = scaling * (math.sqrt(r) if rslora else r)
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base,
