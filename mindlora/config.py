@@ -105,6 +105,11 @@ TARGET_PATHS = {"linear_qkv": "self_attention.linear_qkv",
                 "linear_proj": "self_attention.linear_proj",
                 "linear_fc1": "mlp.linear_fc1", "linear_fc2": "mlp.linear_fc2"}
 """Each LoRA target's module path inside ``decoder.layers.N`` of megatron-core's GPTModel."""
+EXPERT_PATHS = {"linear_fc1": "mlp.experts.local_experts.{}.linear_fc1",
+                "linear_fc2": "mlp.experts.local_experts.{}.linear_fc2"}
+"""Module path of expert ``e``'s MLP targets in a mixture-of-experts layer (``.format(e)``)."""
+ROUTER_REFUSED = ("LoRA on the MoE router ('router', decoder.layers.N.mlp.router) is not "
+                  "implemented: the router stays frozen (docs/moe.md)")
 
 
 def resolve_targets(specs, errors: list[str]) -> tuple[str, ...]:
@@ -112,13 +117,17 @@ def resolve_targets(specs, errors: list[str]) -> tuple[str, ...]:
 
     An entry is a target name, ``all-linear``, or a regular expression (MindFormers' pet_config
     style, ``.*linear_qkv|.*linear_fc2``) that must match a whole module path
-    ``decoder.layers.N.self_attention.linear_qkv`` or a bare name ``linear_qkv``. LoRA goes on the
-    same modules in every layer, so a regex that selects some layers only is refused.
+    ``decoder.layers.N.self_attention.linear_qkv`` (in a MoE layer also every expert's
+    ``decoder.layers.N.mlp.experts.local_experts.E.linear_fc1``) or a bare name ``linear_qkv``.
+    LoRA goes on the same modules in every layer and expert, so a regex that selects some layers
+    or experts only is refused; so is one naming the MoE router (``router``).
     """
     chosen: set[str] = set()
     for spec in specs:
         if spec in LORA_TARGETS:
             chosen.add(spec)
+        elif spec in ("router", "gate"):
+            errors.append(f"--lora-target-modules {spec}: {ROUTER_REFUSED}")
         elif spec == "all-linear":
             chosen.update(LORA_TARGETS)
         else:
@@ -137,9 +146,29 @@ def _regex_targets(spec: str, errors: list[str]) -> set[str]:
         errors.append(f"--lora-target-modules: unknown target {spec!r}: not one of "
                       f"{list(LORA_TARGETS)} or all-linear, nor a valid regex ({e})")
         return set()
-    found, partial = set(), []
+    if ("router" in spec or "gate" in spec) and (
+            pattern.fullmatch("decoder.layers.0.mlp.router") or pattern.fullmatch("router")):
+        # a regex naming the router; catch-alls such as ``.*`` keep selecting the linear targets
+        errors.append(f"--lora-target-modules: regex {spec!r} matches the router: "
+                      f"{ROUTER_REFUSED}")
+        return set()
+    found, partial, some_experts = set(), [], []
     for target, sub in TARGET_PATHS.items():
         hits = {bool(pattern.fullmatch(f"decoder.layers.{i}.{sub}")) for i in range(1000)}
+        if len(hits) == 1 and target in EXPERT_PATHS:  # every expert of a MoE layer
+            per_layer = [{bool(pattern.fullmatch(f"decoder.layers.{i}.{EXPERT_PATHS[target]}"
+                                                 .format(e))) for e in range(160)}
+                         for i in range(64)]
+            if any(len(x) > 1 for x in per_layer):
+                some_experts.append(target)
+                continue
+            layers = {x.pop() for x in per_layer}
+            if len(layers) > 1:
+                partial.append(target)
+                continue
+            if layers.pop():
+                found.add(target)
+                continue
         if len(hits) > 1:
             partial.append(target)
         elif hits.pop() or pattern.fullmatch(target):
@@ -147,7 +176,10 @@ def _regex_targets(spec: str, errors: list[str]) -> set[str]:
     if partial:
         errors.append(f"--lora-target-modules: regex {spec!r} selects {partial} in some layers "
                       f"only; LoRA goes on the same modules in every layer")
-    elif not found:
+    elif some_experts:
+        errors.append(f"--lora-target-modules: regex {spec!r} selects {some_experts} in some "
+                      f"experts only; LoRA goes on every expert of a MoE layer")
+    elif not found and not some_experts:
         errors.append(f"--lora-target-modules: unknown target(s) [{spec!r}]: not one of "
                       f"{list(LORA_TARGETS)} or all-linear, and as a regex it matches no module "
                       f"(paths are decoder.layers.N.{TARGET_PATHS['linear_qkv']} ...)")
@@ -255,6 +287,10 @@ class ParallelConfig:
     """Expert parallelism (``--expert-model-parallel-size``): the routed experts of every MoE
     layer are split across this many ranks; experts are tensor-parallel like the dense MLP
     (megatron-core's default ``expert_tensor_parallel_size`` = TP)."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """``--expert-tensor-parallel-size``: only None or TP (expert TP = attention TP). Another
+    value is refused: megatron-core 0.16.1 runs it, but mindlora's expert sharding, checkpoints
+    and expert LoRA layers split experts by TP (docs/moe.md)."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -266,6 +302,12 @@ class ParallelConfig:
         if self.expert_model_parallel_size < 1:
             errors.append(f"--expert-model-parallel-size ({self.expert_model_parallel_size}) "
                           f"must be >= 1")
+        etp = self.expert_tensor_parallel_size
+        if etp is not None and etp != tp:
+            errors.append(f"--expert-tensor-parallel-size ({etp}) must equal "
+                          f"--tensor-model-parallel-size ({tp}): mindlora splits experts over "
+                          f"the attention TP group (a separate expert TP size is not "
+                          f"implemented; see docs/moe.md)")
         if self.sequence_parallel and tp == 1:
             self.sequence_parallel = False  # Megatron does the same: SP needs TP > 1.
         vpp = self.virtual_pipeline_model_parallel_size

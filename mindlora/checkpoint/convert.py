@@ -278,12 +278,6 @@ def _hf_assets(base: Any) -> tuple[Optional[dict], Optional[str]]:
     return config, assets
 
 
-def _refuse_moe_peft(flag: str, cfg: ModelConfig) -> None:
-    raise ValueError(f"{flag}: HF PEFT export/import of mixture-of-experts adapters "
-                     f"({cfg.family}) is not implemented yet; merge the adapter into the base "
-                     f"with --lora-load instead")
-
-
 def base_model_name(opts: ConvertOptions, base: Any) -> Optional[str]:
     """adapter_config's ``base_model_name_or_path``: the flag, else config.json's
     ``_name_or_path`` (unless a local absolute path), else the base folder's name."""
@@ -307,8 +301,6 @@ def convert(opts: ConvertOptions) -> str:
     base = open_base(opts) if opts.load_dir else None
     base_cfg = base.model_config if base is not None else None
     merge, source = None, base
-    if opts.load_lora_from_hf and base_cfg is not None and base_cfg.is_moe:
-        _refuse_moe_peft("--load-lora-from-hf", base_cfg)
     if opts.save_lora_to_hf:
         source = MegatronReader(opts.lora_load, hf_config_dir=opts.hf_cfg_dir)
         check_adapter(source, base_cfg, opts, "--lora-load", opts.lora_load)
@@ -323,8 +315,6 @@ def convert(opts: ConvertOptions) -> str:
         raise ValueError(f"{opts.load_dir} is an adapter: export it with --save-lora-to-hf, or "
                          f"merge it with --lora-load into a base model")
     cfg = source.model_config
-    if cfg.is_moe and opts.save_lora_to_hf:
-        _refuse_moe_peft("--save-lora-to-hf", cfg)
     out_dtype = dtype or source.params_dtype
     family = get_family(cfg.family)
     if opts.save_model_type == "mg" and not opts.save_lora_to_hf:

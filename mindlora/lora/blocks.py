@@ -20,7 +20,8 @@ from mindlora.parallel.layout import shard, split_rule
 
 def keep_block_structure(chunks: list[torch.nn.Module], masks: dict[str, torch.Tensor],
                          tp_size: int, tp_rank: int) -> int:
-    """Mask the off-block gradient of every rank-stacked target's B; return how many layers.
+    """Mask the off-block gradient of every rank-stacked target's B (every expert's, in a MoE
+    layer); return how many layers.
 
     Args:
         masks: target -> 0/1 mask of its full (TP=1) B's blocks
@@ -31,7 +32,9 @@ def keep_block_structure(chunks: list[torch.nn.Module], masks: dict[str, torch.T
     for chunk in chunks:
         for name, module in chunk.named_modules():
             for target, full in masks.items():
-                if name.endswith("." + TARGET_PATHS[target]) and hasattr(module, "lora_B"):
+                expert = ".experts.local_experts." in name and name.endswith("." + target)
+                if (name.endswith("." + TARGET_PATHS[target]) or expert) and hasattr(
+                        module, "lora_B"):
                     weight = module.lora_B.weight
                     mask = shard(full, split_rule(f"{TARGET_PATHS[target]}.lora_B.weight"),
                                  tp_size, tp_rank).to(device=weight.device, dtype=weight.dtype)

@@ -61,7 +61,7 @@ def _expert_linear(target: str, row: bool, lora: Optional[LoRAConfig]):
     if lora is None or target not in lora.target_modules:
         return RowParallelLinear if row else ColumnParallelLinear
     cls = LoRARowParallelLinear if row else LoRAColumnParallelLinear
-    return ModuleSpec(module=cls, params={"lora_config": lora})
+    return ModuleSpec(module=cls, params={"lora_config": lora.for_target(target)})
 
 
 def moe_mlp_spec(lora: Optional[LoRAConfig] = None) -> ModuleSpec:

@@ -193,7 +193,8 @@ _GROUPS = (  # (title, config, fields), in --help order
     ("parallelism", ParallelConfig, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                      "num_layer_list")),
     ("parallelism", OtherFlags, ("num_layers_per_virtual_pipeline_stage",)),
-    ("parallelism", ParallelConfig, ("sequence_parallel", "expert_model_parallel_size")),
+    ("parallelism", ParallelConfig, ("sequence_parallel", "expert_model_parallel_size",
+                                     "expert_tensor_parallel_size")),
     ("batch and schedule", TrainConfig, (
         "micro_batch_size", "global_batch_size", "seq_length", "train_iters", "lr", "min_lr",
         "lr_warmup_fraction", "lr_warmup_iters", "lr_decay_iters", "weight_decay", "clip_grad",
@@ -219,7 +220,11 @@ _OVERRIDES = {
     ParallelConfig: {"num_layer_list": {"type": comma_ints, "help": "e.g. 10,12,8"},
                      "expert_model_parallel_size": {
                          "help": "mixture-of-experts models: split the routed experts over this "
-                                 "many ranks"}},
+                                 "many ranks"},
+                     "expert_tensor_parallel_size": {
+                         "help": "mixture-of-experts models: must equal "
+                                 "--tensor-model-parallel-size (experts are split over the "
+                                 "attention TP group); another value is refused"}},
     LoRAConfig: {"target_modules": {
         "help": f"subset of {list(LORA_TARGETS)}, all-linear, or a regex over module paths such "
                 f"as '.*linear_qkv|.*linear_fc2'"},

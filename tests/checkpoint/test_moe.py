@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mindlora.checkpoint import describe
-from mindlora.checkpoint import megatron_format as mf
+from mindlora.checkpoint import megatron_format as fmt
 from mindlora.checkpoint.hf_format import HFSource
 from mindlora.checkpoint.loading import load_model_shard
 from mindlora.config import ModelConfig, ParallelConfig
@@ -99,8 +99,8 @@ def test_hf_round_trip_is_bit_exact(moe_models, tmp_path, name, tp, pp, ep):
     meta = describe.read_checkpoint_meta(mg)[1]
     assert (meta["tp"], meta["pp"], meta.get("ep", 1)) == (tp, pp, ep)
     if ep > 1:  # each EP rank holds only its own experts, renumbered from 0
-        last = mf.rank_file_path(mg, 1, 0, pp - 1, pp, ep - 1, ep)
-        state = mf.load_rank_file(last)["model"]
+        last = fmt.rank_file_path(mg, 1, 0, pp - 1, pp, ep - 1, ep)
+        state = fmt.load_rank_file(last)["model"]
         experts = {k.split("local_experts.")[1].split(".")[0] for k in state
                    if "local_experts" in k}
         assert experts == {str(i) for i in range(ModelConfig.from_dict(
@@ -117,14 +117,14 @@ def test_megatron_args_carry_the_expert_flags_and_megatron_moe_is_refused(moe_mo
     mg = str(tmp_path / "mg")
     run_convert(load_model_type="hf", save_model_type="mg", load_dir=moe_models["qwen3_moe"],
                 save_dir=mg, model_type_hf="qwen3-moe", target_expert_parallel_size=2)
-    path = mf.rank_file_path(mg, 1, 0, 0, 1, 1, 2)
-    payload = mf.load_rank_file(path, mmap=False)
+    path = fmt.rank_file_path(mg, 1, 0, 0, 1, 1, 2)
+    payload = fmt.load_rank_file(path, mmap=False)
     args = vars(payload["args"])
     assert (args["num_experts"], args["moe_router_topk"], args["moe_ffn_hidden_size"],
             args["expert_model_parallel_size"]) == (8, 2, 32, 2)
     for e in range(2):
-        rank_file = mf.rank_file_path(mg, 1, 0, 0, 1, e, 2)
-        legacy = mf.load_rank_file(rank_file, mmap=False)
+        rank_file = fmt.rank_file_path(mg, 1, 0, 0, 1, e, 2)
+        legacy = fmt.load_rank_file(rank_file, mmap=False)
         del legacy["mindlora"]
         torch.save(legacy, rank_file)
     with pytest.raises(ValueError, match=r"args.num_experts=8: Megatron-LM / MindSpeed-LLM "

@@ -223,3 +223,17 @@ def test_expert_lora_matches_reference_on_2_ranks() -> None:
 
 def test_expert_lora_matches_reference_on_4_ranks() -> None:
     spawn(_body, 4, [(2, 2, True), (1, 4, False)])
+
+
+def test_expert_regex_targets_and_router_refusal() -> None:
+    """The regex form matches every expert's fc1/fc2; a regex selecting some experts only, and
+    any request for LoRA on the router (name or regex), are refused by name."""
+    assert LoRAConfig(target_modules=(r".*experts\.local_experts\.\d+\.linear_fc1",)
+                      ).target_modules == ("linear_fc1",)
+    assert LoRAConfig(target_modules=(".*linear_qkv|.*experts.*linear_fc2",)).target_modules == (
+        "linear_qkv", "linear_fc2")
+    with pytest.raises(ValueError, match=r"selects \['linear_fc1'\] in some experts only"):
+        LoRAConfig(target_modules=(r".*local_experts\.[0-3]\.linear_fc1",))
+    for spec in ("router", r".*(linear_qkv|router)", r"decoder\.layers\.\d+\.mlp\.router"):
+        with pytest.raises(ValueError, match=r"LoRA on the MoE router .* is not implemented"):
+            LoRAConfig(target_modules=(spec,))

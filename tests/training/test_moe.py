@@ -1,10 +1,11 @@
 """Mixture-of-experts LoRA training: expert parallelism trains like one process.
 
-A tiny random Qwen3-MoE (4 layers, 4 experts, top-2, GQA, load-balancing loss coefficient 0.01)
-is converted from HF; 10 iterations of LoRA SFT (all-linear: attention and every expert) in
-float32, global batch 8, aux loss included in the gradient. EP2 (DP2), TP2 x EP2 + SP and
-PP2 x EP2 must give the per-iteration losses and grad norms of EP1 on one process to 1e-5
-relative, as the dense layouts do in test_parity.py. Refused layouts are checked by message.
+A tiny random Qwen3-MoE and a tiny Mixtral (4 layers, 4 experts, top-2, GQA, load-balancing loss
+coefficient 0.01) are converted from HF; 10 iterations of LoRA SFT (all-linear: attention and
+every expert) in float32, global batch 8, aux loss included in the gradient. EP2 (DP2), TP2+SP,
+TP2 x EP2 + SP and PP2 x EP2 (Qwen3-MoE) and EP2 (Mixtral) must give the per-iteration lm
+losses, load-balancing losses and grad norms of EP1 on one process to 1e-5 relative, as the
+dense layouts do in test_parity.py. Refused layouts are checked by message.
 """
 import json
 
@@ -54,16 +55,19 @@ def _layouts_body(rank, world, base, data, ref_path, layouts):
                                    rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} grad norms: {m}")
 
 
-def _moe_base(root: str, vocab: int) -> str:
+def _moe_base(root: str, vocab: int, family: str = "qwen3-moe") -> str:
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
-    config = Qwen3MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                            head_dim=16, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=vocab, num_experts=4,
-                            num_experts_per_tok=2, norm_topk_prob=True,
-                            router_aux_loss_coef=0.01, max_position_embeddings=128,
-                            tie_word_embeddings=False)
+    common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab, num_experts_per_tok=2,
+                  router_aux_loss_coef=0.01, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+    if family == "mixtral":
+        config = MixtralConfig(intermediate_size=32, num_local_experts=4, **common)
+    else:
+        config = Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, head_dim=16,
+                                num_experts=4, norm_topk_prob=True, **common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
@@ -71,7 +75,7 @@ def _moe_base(root: str, vocab: int) -> str:
             p.add_(torch.randn_like(p) * (0.5 if n.endswith("gate.weight") else 0.02))
     model.save_pretrained(f"{root}/hf")
     return run_convert(load_model_type="hf", save_model_type="mg", load_dir=f"{root}/hf",
-                       save_dir=f"{root}/mg", model_type_hf="qwen3-moe")
+                       save_dir=f"{root}/mg", model_type_hf=family)
 
 
 def _reference_body(rank, world, base, data, out):
@@ -80,29 +84,46 @@ def _reference_body(rank, world, base, data, out):
         json.dump({"losses": losses, "norms": norms, "aux": aux}, f)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe_train")
+def _setup(root, family: str):
     data, vocab = preprocess_alpaca(str(root / "alpaca"), n=96)
-    base = _moe_base(str(root), ((vocab + 63) // 64) * 64)
+    base = _moe_base(str(root), ((vocab + 63) // 64) * 64, family)
     ref = str(root / "ref.json")
     spawn(_reference_body, 1, base, data, ref)
     with open(ref) as f:
-        losses = json.load(f)["losses"]
-    assert len(losses) == ITERS and losses[-1] < losses[0], "the reference run must learn"
+        result = json.load(f)
+    assert len(result["losses"]) == ITERS and result["losses"][-1] < result["losses"][0], \
+        "the reference run must learn"
+    assert min(result["aux"]) > 0, "the load-balancing loss must be on"
     return base, data, ref
 
 
-def test_expert_parallel_layouts_match_single_process(setup):
-    base, data, ref = setup
-    spawn(_layouts_body, 2, base, data, ref, [
-        ("EP2", ["--expert-model-parallel-size", "2"]),
-        ("TP2+SP", ["--tensor-model-parallel-size", "2", "--sequence-parallel"])])
-    spawn(_layouts_body, 4, base, data, ref, [
-        ("TP2xEP2+SP", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
-                        "--expert-model-parallel-size", "2"]),
-        ("PP2xEP2", ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size",
-                     "2"])])
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return _setup(tmp_path_factory.mktemp("moe_train"), "qwen3-moe")
+
+
+@pytest.fixture(scope="module")
+def mixtral_setup(tmp_path_factory):
+    return _setup(tmp_path_factory.mktemp("mixtral_train"), "mixtral")
+
+
+EP2 = ("EP2", ["--expert-model-parallel-size", "2"])
+TP2_SP = ("TP2+SP", ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+TP2_EP2_SP = ("TP2xEP2+SP", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                             "--expert-model-parallel-size", "2"])
+PP2_EP2 = ("PP2xEP2", ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"])
+LAYOUTS = {"qwen3-moe": {2: [EP2, TP2_SP], 4: [TP2_EP2_SP, PP2_EP2]},
+           "mixtral": {2: [EP2]}}
+"""family -> {world size: layouts run in one spawned group}. Mixtral checks EP2 only: its
+layer differs from Qwen3-MoE's in the family's config and key map, not in the parallel code."""
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_expert_parallel_layouts_match_single_process(family, request):
+    base, data, ref = request.getfixturevalue("mixtral_setup" if family == "mixtral"
+                                              else "setup")
+    for world, layouts in LAYOUTS[family].items():
+        spawn(_layouts_body, world, base, data, ref, layouts)
 
 
 def test_bad_moe_flags_are_refused(setup):
@@ -128,8 +149,15 @@ def test_bad_moe_flags_are_refused(setup):
     with pytest.raises(ValueError, match="--no-pad-to-seq-lengths with "
                                          "--expert-model-parallel-size > 1 on the CPU"):
         resolve(["--expert-model-parallel-size", "2"], pad=False)
+    with pytest.raises(ValueError, match=r"--expert-tensor-parallel-size \(1\) must equal "
+                                         r"--tensor-model-parallel-size \(2\)"):
+        resolve(["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                 "--expert-tensor-parallel-size", "1"])
     model, parallel = resolve(["--num-experts", "4", "--expert-model-parallel-size", "2"])
     assert (model.num_moe_experts, parallel.expert_model_parallel_size) == (4, 2)
+    _, parallel = resolve(["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                           "--expert-tensor-parallel-size", "2"])
+    assert parallel.expert_tensor_parallel_size == 2
 
 
 def _resume_body(rank, world, base, data, root):

@@ -135,12 +135,20 @@ class Family:
     global_maps: Callable[[ModelConfig], list[TensorMap]] = llama_global_maps
 
     def lora_map(self, cfg: ModelConfig, target: str) -> TensorMap:
-        """The map of LoRA target ``target``'s base weight (B's rows follow its transform)."""
-        key = TARGET_PATHS[target] + ".weight"
-        for tmap in self.layer_maps(cfg):
-            if tmap.mcore == key:
-                return tmap
-        raise KeyError(f"family {self.name} has no tensor {key}")
+        """The map of LoRA target ``target``'s base weight (B's rows follow its transform); for
+        the expert targets of a mixture-of-experts model, expert 0's (see :meth:`lora_units`)."""
+        return self.lora_units(cfg, target)[0][1]
+
+    def lora_units(self, cfg: ModelConfig, target: str) -> list[tuple[str, TensorMap]]:
+        """(module path inside a layer, map of its base weight) of every linear carrying
+        ``target``: one for attention and dense MLPs, one per routed expert in a MoE model."""
+        maps = {tmap.mcore: tmap for tmap in self.layer_maps(cfg)}
+        units = []
+        for path in target_module_paths(cfg, target):
+            if path + ".weight" not in maps:
+                raise KeyError(f"family {self.name} has no tensor {path}.weight")
+            units.append((path, maps[path + ".weight"]))
+        return units
 
 
 def rope_fields(hf: dict[str, Any]) -> tuple[float, Optional[dict]]:
