@@ -13,6 +13,7 @@ tokens/s, ms/step, peak RSS and the ratio mindlora / HF+PEFT.
     python bench/train.py                      # SmolLM2-135M shapes, 4 x 256 tokens
     python bench/train.py --tiny --steps 4     # a few seconds, for a smoke run
     python bench/train.py --model qwen3-moe-tiny   # Qwen3-MoE: 4 layers, 8 experts, top-2
+    python bench/train.py --model qwen3-moe-small  # hidden 512, 16 experts of width 256, top-4
     python bench/train.py --device cuda        # one GPU: Qwen3-8B shapes, bf16, 4 x 4096 tokens,
                                                # r 16, with TFLOP/s and MFU (bench/gpu_train.py)
 
@@ -45,8 +46,12 @@ QWEN3_MOE_TINY = dict(hidden_size=128, intermediate_size=256, moe_intermediate_s
                       head_dim=32, vocab_size=4096, num_experts=8, num_experts_per_tok=2,
                       norm_topk_prob=True, max_position_embeddings=2048,
                       tie_word_embeddings=False)
+QWEN3_MOE_SMALL = dict(QWEN3_MOE_TINY, hidden_size=512, moe_intermediate_size=256,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                       vocab_size=8192, num_experts=16, num_experts_per_tok=4)
 MODELS = {"smollm2-135m": ("llama", SMOLLM2_135M), "tiny": ("llama", TINY),
-          "qwen3-moe-tiny": ("qwen3-moe", QWEN3_MOE_TINY)}
+          "qwen3-moe-tiny": ("qwen3-moe", QWEN3_MOE_TINY),
+          "qwen3-moe-small": ("qwen3-moe", QWEN3_MOE_SMALL)}
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
