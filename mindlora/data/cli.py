@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from mindlora.data.preprocess import PreprocessConfig, run_preprocess
+from mindlora.data.tokenizer import TOKENIZER_TYPES
 from mindlora.runtime.cli import Parser, option
 
 log = logging.getLogger("mindlora.data")
-TOKENIZER_TYPES = ("PretrainedFromHF", "SentencePiece", "Tiktoken", "auto")
 
 
 @dataclass

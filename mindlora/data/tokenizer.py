@@ -18,6 +18,10 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+TOKENIZER_TYPES = ("PretrainedFromHF", "SentencePiece", "Tiktoken", "auto")
+"""Megatron / MindSpeed ``--tokenizer-type`` values the CLIs accept; none changes anything, the
+kind is detected from the files (:func:`load_tokenizer`)."""
+
 # Files whose bytes decide which ids a text gets; tokenizer_config.json is left out on purpose
 # (editing a chat template there must not make old data look like another tokenizer's).
 _ID_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt",

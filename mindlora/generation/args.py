@@ -13,7 +13,7 @@ import torch
 from mindlora.config import ParallelConfig, fail_if
 from mindlora.data.templates import THINKING_MODES
 from mindlora.generation.sampling import SamplingConfig
-from mindlora.runtime.cli import Parser, comma_ints, option
+from mindlora.runtime.cli import PARALLEL_OPTIONS, Parser, option
 from mindlora.runtime.dtypes import from_flags
 
 
@@ -58,9 +58,7 @@ class GenerateConfig:
         return from_flags(self.bf16, self.fp16)
 
 
-_PARALLEL = {"num_layer_list": {"type": comma_ints, "help": "e.g. 10,12,8"},
-             "expert_model_parallel_size": {"help": "mixture-of-experts models: routed experts "
-                                                    "split over this many ranks"},
+_PARALLEL = {**PARALLEL_OPTIONS,
              "sequence_parallel": {"help": "accepted; generation runs without it (same weights, "
                                            "same results)"}}
 

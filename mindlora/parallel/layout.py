@@ -228,10 +228,15 @@ def stage_totals(counts: list[list[int]]) -> list[int]:
 
 
 def layers_per_virtual_stage(num_layers: int, pp: int, vpp: int) -> int:
-    """Layers per virtual stage for ``vpp`` virtual stages -- and, the relation being
-    symmetric, ``vpp`` for a given number of layers per virtual stage (Megatron's
-    ``--num-layers-per-virtual-pipeline-stage``)."""
+    """Layers in each virtual stage when every pipeline rank holds ``vpp`` of them (Megatron's
+    ``num_layers_per_virtual_pipeline_stage``)."""
     return num_layers // (pp * vpp)
+
+
+def virtual_stages(num_layers: int, pp: int, layers_per_stage: int) -> int:
+    """Virtual stages per pipeline rank for ``--num-layers-per-virtual-pipeline-stage``
+    ``layers_per_stage`` (the inverse of :func:`layers_per_virtual_stage`)."""
+    return num_layers // (pp * layers_per_stage)
 
 
 def pipeline_layout(counts: list[list[int]]) -> list[list[str]]:

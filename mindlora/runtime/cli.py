@@ -81,6 +81,15 @@ def comma_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers such as 10,12,8") from None
 
 
+PARALLEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "num_layer_list": {"type": comma_ints, "help": "e.g. 10,12,8"},
+    "expert_model_parallel_size": {
+        "help": "mixture-of-experts models: split the routed experts over this many ranks"},
+}
+"""Command-line form of the ParallelConfig fields that train and generate share (an
+``overrides`` entry of :meth:`Parser.add_fields`)."""
+
+
 def json_object(text: str) -> dict:
     """A JSON object given on the command line (``--map-keys '{"prompt": "question"}'``)."""
     try:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from mindlora.config import LORA_TARGETS, LoRAConfig, ParallelConfig, fail_if
-from mindlora.runtime.cli import Parser, comma_ints, option
+from mindlora.data.tokenizer import TOKENIZER_TYPES
+from mindlora.runtime.cli import PARALLEL_OPTIONS, Parser, option
 from mindlora.training import megatron_flags
 
 
@@ -139,7 +140,7 @@ class OtherFlags:
         None, help="local (the only one: megatron-core's local layers with LoRA); "
                    "transformer_engine is refused")
     tokenizer_type: Optional[str] = option(
-        None, choices=("PretrainedFromHF", "SentencePiece", "Tiktoken", "auto"),
+        None, choices=TOKENIZER_TYPES,
         help="no effect: the tokenizer kind is detected from its files")
     is_instruction_dataset: bool = option(
         False, help="no effect: training data is always instruction data (labels masked)")
@@ -217,10 +218,7 @@ _GROUPS = (  # (title, config, fields), in --help order
     ("architecture checks (optional; the checkpoint is the source)", ArchChecks, None),
 )
 _OVERRIDES = {
-    ParallelConfig: {"num_layer_list": {"type": comma_ints, "help": "e.g. 10,12,8"},
-                     "expert_model_parallel_size": {
-                         "help": "mixture-of-experts models: split the routed experts over this "
-                                 "many ranks"},
+    ParallelConfig: {**PARALLEL_OPTIONS,
                      "expert_tensor_parallel_size": {
                          "help": "mixture-of-experts models: must equal "
                                  "--tensor-model-parallel-size (experts are split over the "

@@ -23,7 +23,7 @@ from mindlora.config import ModelConfig, ParallelConfig
 from mindlora.lora.blocks import keep_block_structure
 from mindlora.models.builder import build_model, parameter_report, transformer_config
 from mindlora.models.families.base import lora_block_masks
-from mindlora.parallel.layout import layers_per_virtual_stage, pad_vocab
+from mindlora.parallel.layout import pad_vocab, virtual_stages
 from mindlora.runtime import current, init_distributed, init_parallel
 from mindlora.runtime.device import to_device
 from mindlora.runtime.dtypes import from_flags
@@ -86,8 +86,7 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, ParallelConfig]:
         parallel = ParallelConfig(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=pp, sequence_parallel=parallel.sequence_parallel,
-            virtual_pipeline_model_parallel_size=layers_per_virtual_stage(model.num_layers, pp,
-                                                                          vstage),
+            virtual_pipeline_model_parallel_size=virtual_stages(model.num_layers, pp, vstage),
             expert_model_parallel_size=parallel.expert_model_parallel_size)
     parallel.check_model(model)
     if model.is_moe and parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:

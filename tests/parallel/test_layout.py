@@ -54,9 +54,11 @@ def test_virtual_stages_interleave() -> None:
         layout.chunk_layer_ids(_model(), parallel, 0, 2)
 
 
-def test_layers_per_virtual_stage_is_its_own_inverse() -> None:
+def test_layers_per_virtual_stage_and_its_inverse() -> None:
     assert layout.layers_per_virtual_stage(24, 2, 3) == 4
     assert layout.layers_per_virtual_stage(24, 2, 4) == 3
+    assert layout.virtual_stages(24, 2, 4) == 3
+    assert layout.virtual_stages(24, 2, 3) == 4
 
 
 # ---------------------------------------------------------------- vocabulary
