@@ -16,7 +16,18 @@ from mindlora.checkpoint.megatron_lm import LegacyLayout, args_dict, is_foreign,
 def read_checkpoint_meta(load_dir: str, iteration: Optional[fmt.Iteration] = None,
                          hf_config_dir: Optional[str] = None
                          ) -> tuple[fmt.Iteration, dict[str, Any]]:
-    """(iteration, metadata of rank file TP0/PP0) of the checkpoint in ``load_dir``.
+    """(iteration, metadata of rank file TP0/PP0) of the checkpoint in ``load_dir``; see
+    :func:`describe_checkpoint`."""
+    iteration, metas = describe_checkpoint(load_dir, iteration, hf_config_dir)
+    return iteration, metas[0, 0]
+
+
+def describe_checkpoint(load_dir: str, iteration: Optional[fmt.Iteration] = None,
+                        hf_config_dir: Optional[str] = None
+                        ) -> tuple[fmt.Iteration, dict[tuple[int, int], dict[str, Any]]]:
+    """(iteration, metadata by (tp_rank, pp_rank)) of the checkpoint in ``load_dir``: every rank
+    file's for a Megatron-LM one (its layout scan opens them all, once), rank file TP0/PP0's
+    (key ``(0, 0)``) for mindlora's, whose files each carry their own.
 
     A Megatron-LM / MindSpeed-LLM checkpoint (``args``, no ``mindlora``) gets the same metadata,
     derived by :class:`mindlora.checkpoint.megatron_lm.LegacyLayout` (``meta["source"]`` is
@@ -35,5 +46,5 @@ def read_checkpoint_meta(load_dir: str, iteration: Optional[fmt.Iteration] = Non
         refusal = moe_refusal(args_dict(payload, path))
         if refusal:
             raise ValueError(f"{path}: {refusal}")
-        return iteration, LegacyLayout(load_dir, iteration, hf_config_dir).metas[0, 0]
-    return iteration, fmt.validate_meta(payload.get("mindlora"), path)
+        return iteration, LegacyLayout(load_dir, iteration, hf_config_dir).metas
+    return iteration, {(0, 0): fmt.validate_meta(payload.get("mindlora"), path)}

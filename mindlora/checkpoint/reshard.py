@@ -17,8 +17,7 @@ import torch
 
 from mindlora.checkpoint import describe
 from mindlora.checkpoint import megatron_format as fmt
-from mindlora.checkpoint.megatron_lm import (LegacyLayout, megatron_args, normalize_keys,
-                                             to_key_style)
+from mindlora.checkpoint.megatron_lm import megatron_args, normalize_keys, to_key_style
 from mindlora.checkpoint.rank_writer import StreamingRankFile
 from mindlora.config import LoRAConfig, ModelConfig
 from mindlora.lora.factors import is_lora_key
@@ -60,10 +59,10 @@ class MegatronReader:
     def __init__(self, root: str, iteration: Optional[fmt.Iteration] = None,
                  hf_config_dir: Optional[str] = None) -> None:
         self.root, self.hf_config_dir = root, hf_config_dir
-        self.iteration, self.meta = describe.read_checkpoint_meta(root, iteration, hf_config_dir)
-        self._legacy = None
-        if self.meta.get("source") == "megatron":  # Megatron-LM / MindSpeed-LLM: args, no meta
-            self._legacy = LegacyLayout(root, self.iteration, hf_config_dir).metas
+        self.iteration, metas = describe.describe_checkpoint(root, iteration, hf_config_dir)
+        self.meta = metas[0, 0]
+        # Megatron-LM / MindSpeed-LLM (args, no mindlora metadata): the metas of every rank file
+        self._legacy = metas if self.meta.get("source") == "megatron" else None
         self.kind: str = self.meta["kind"]
         self.model_config = ModelConfig.from_dict(self.meta["model_config"])
         lora = self.meta.get("lora_config")
