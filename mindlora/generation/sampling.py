@@ -13,6 +13,7 @@ import torch
 
 from mindlora.config import fail_if
 
+
 @dataclass
 class SamplingConfig:
     """How tokens are chosen and when a sequence stops growing."""
